@@ -1,0 +1,82 @@
+"""``gapless bench``: speed measured as ratios within one run, our code against the bare limit."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.io import open_source
+from pipeline.tiling import TileSettings, plan_grid, tile_source
+
+_bare: dict = {}
+
+
+def _bare_init(path: str, kind: str | None) -> None:
+    _bare["source"] = open_source(path, kind)
+
+
+def _bare_read(coords: np.ndarray, level: int, read_size: int) -> int:
+    source = _bare["source"]
+    for x, y in coords:
+        source.read_region((int(x), int(y)), level, (read_size, read_size))
+    return len(coords)
+
+
+def bare_read(path: Path, kind: str | None, coords: np.ndarray, level: int, read_size: int, workers: int) -> float:
+    """Seconds for a read-only loop over ``coords`` (OpenSlide/tifffile reads, nothing else)."""
+    if workers == 1:
+        _bare_init(str(path), kind)
+        t0 = time.perf_counter()
+        _bare_read(coords, level, read_size)
+        seconds = time.perf_counter() - t0
+        _bare.pop("source").close()
+        return seconds
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_bare_init, initargs=(str(path), kind)) as pool:
+        list(pool.map(int, range(workers)))  # start the workers before the clock
+        t0 = time.perf_counter()
+        parts = np.array_split(coords, workers * 4)
+        sum(pool.map(_bare_read, parts, [level] * len(parts), [read_size] * len(parts)))
+        return time.perf_counter() - t0
+
+
+def bench_tiling(slide, mpp=0.5, tile_size=224, stride=None, slide_mpp=None, kind=None, workers=None, repeat=1) -> list[dict]:
+    """Tiles/s of ``gapless tile`` and of a bare read loop over the same grid, at 1 and N workers.
+
+    The tiler runs with ``--min-tissue 0`` so both loops cover exactly the same tiles; the tiler's
+    time includes the overview and tissue mask, resizing, statistics, compression and writing.
+    """
+    slide = Path(slide)
+    with open_source(slide, kind) as source:
+        source_mpp, _ = source.resolve_mpp(slide_mpp)
+        grid = plan_grid(source, source_mpp, mpp, tile_size, stride)
+        kind = source.kind
+        fmt = source.format
+    coords = grid.coords()
+    n = len(coords)
+    counts = sorted({1, workers or (os.cpu_count() or 1)})
+    print(
+        f"bench tiling: {slide.name} ({fmt}), {n} tiles of {tile_size} px at {grid.tile_mpp:.3g} µm/px "
+        f"from level {grid.level} (read {grid.read_size} px), cores {os.cpu_count()}"
+    )
+    print(f"{'workers':>7} {'bare tiles/s':>13} {'tiler tiles/s':>14} {'tiler/bare':>10} {'tiler speed-up':>15}")
+    rows = []
+    settings = TileSettings(mpp=mpp, tile_size=tile_size, stride=stride, min_tissue=0.0, slide_mpp=slide_mpp, kind=kind)
+    with tempfile.TemporaryDirectory(prefix="gapless-bench-") as tmp:
+        for w in counts:
+            bare = min(bare_read(slide, kind, coords, grid.level, grid.read_size, w) for _ in range(repeat))
+            tiler = float("inf")
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                tile_source(slide, Path(tmp) / f"w{w}.zarr", settings, workers=w, overwrite=True, progress=False)
+                tiler = min(tiler, time.perf_counter() - t0)
+            rows.append({"workers": w, "bare": n / bare, "tiler": n / tiler})
+            speedup = rows[-1]["tiler"] / rows[0]["tiler"]
+            print(f"{w:>7} {n / bare:>13.1f} {n / tiler:>14.1f} {bare / tiler:>10.2f} {speedup:>14.2f}x")
+    return rows

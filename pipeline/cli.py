@@ -1,0 +1,156 @@
+"""``gapless <stage>``: each sub-command is one library call (the same code serves notebooks and tests)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from pipeline import __version__
+from pipeline.errors import GaplessError
+
+log = logging.getLogger("gapless")
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 3072x2304, got {text!r}") from None
+    return w, h
+
+
+def _add_tile_geometry(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mpp", type=float, default=0.5, help="µm/px of the tiles (default 0.5)")
+    p.add_argument("--tile-size", type=int, default=224, help="tile width and height in px (default 224)")
+    p.add_argument("--stride", type=int, default=None, help="px between tiles at the tile scale (default: tile size)")
+    p.add_argument("--slide-mpp", type=float, default=None, help="µm/px of the source at full resolution, overriding its metadata")
+    p.add_argument("--kind", choices=["slide", "image"], default=None, help="reader: slide (OpenSlide) or image (tifffile/Pillow); inferred when absent")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gapless",
+        description="Many-instance histology and microscopy: tiles, heads, heatmaps, comparison.",
+    )
+    parser.add_argument("--version", action="version", version=f"gapless {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="generate the synthetic many-instance demo dataset")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--slides", type=int, default=8, help="number of whole slides (default 8)")
+    p.add_argument("--images", type=int, default=8, help="number of fluorescence fields (default 8)")
+    p.add_argument("--slide-width", type=int, default=3072, help="slide width, level-0 px")
+    p.add_argument("--slide-height", type=int, default=2304, help="slide height, level-0 px")
+    p.add_argument("--slide-mpp", type=float, default=0.5, help="slide µm/px at level 0")
+    p.add_argument("--image-size", type=int, default=1024, help="fluorescence field size, px")
+    p.add_argument("--image-mpp", type=float, default=0.5, help="fluorescence field µm/px")
+    p.add_argument("--cell-density", type=float, default=None, help="cells per 10,000 µm²")
+    p.add_argument("--witness-fraction", type=float, default=None, help="fraction of witness cells in a positive region")
+    p.add_argument("--lesions", type=int, default=None, help="lesion regions per positive slide")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("tile", help="tile a slide or cell image into a zarr store")
+    p.add_argument("input", type=Path, help="slide (any OpenSlide format) or cell image (TIFF, OME-TIFF, PNG, JPEG)")
+    p.add_argument("--out", required=True, type=Path, help="output store, e.g. results/tiles/S1.zarr")
+    _add_tile_geometry(p)
+    p.add_argument("--min-tissue", type=float, default=0.25, help="keep tiles with at least this tissue fraction (default 0.25)")
+    p.add_argument("--tissue", default="auto", choices=["auto", "brightfield", "fluorescence", "none"], help="tissue mask (default: detect brightfield or fluorescence)")
+    p.add_argument("--annotations", type=Path, default=None, help="GeoJSON (QuPath export) for tile labels")
+    p.add_argument("--positive-class", action="append", default=[], metavar="NAME", help="annotation class that makes a tile positive (repeatable; default: any)")
+    p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    p.add_argument("--allow-empty", action="store_true", help="write an empty store flagged 'no tissue' instead of failing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store (only once the new one is complete)")
+
+    p = sub.add_parser("info", help="print a tile store's attributes and tile count as JSON")
+    p.add_argument("store", type=Path)
+
+    p = sub.add_parser("qc", help="one QC row per tile store, as TSV")
+    p.add_argument("stores", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, required=True, help="output TSV")
+
+    p = sub.add_parser("bench", help="measured speed ratios")
+    bench = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
+    b = bench.add_parser("tiling", help="the tiler against a bare read-only loop over the same tile grid")
+    b.add_argument("slide", type=Path)
+    _add_tile_geometry(b)
+    b.add_argument("--workers", type=int, default=None, help="also measure with this many processes (default: all cores)")
+    b.add_argument("--repeat", type=int, default=1, help="repeat each measurement and keep the fastest")
+    return parser
+
+
+def _run_demo(args) -> None:
+    from pipeline.demo import DemoSettings, generate
+
+    knobs = {
+        "slides": args.slides, "images": args.images, "slide_width": args.slide_width,
+        "slide_height": args.slide_height, "slide_mpp": args.slide_mpp, "image_size": args.image_size,
+        "image_mpp": args.image_mpp, "cell_density": args.cell_density,
+        "witness_fraction": args.witness_fraction, "lesions": args.lesions, "seed": args.seed,
+    }
+    settings = DemoSettings(**{k: v for k, v in knobs.items() if v is not None})
+    t0 = time.perf_counter()
+    sheet = generate(args.out, settings, progress=not args.quiet)
+    n = settings.slides + settings.images
+    print(f"demo: {n} samples ({settings.slides} slides, {settings.images} fields) in {time.perf_counter() - t0:.1f} s; sample sheet {sheet}")
+
+
+def _run_tile(args) -> None:
+    from pipeline.tiling import TileSettings, tile_source
+
+    settings = TileSettings(
+        mpp=args.mpp, tile_size=args.tile_size, stride=args.stride, min_tissue=args.min_tissue,
+        tissue=args.tissue, slide_mpp=args.slide_mpp, kind=args.kind,
+        annotations=str(args.annotations) if args.annotations else None,
+        positive_classes=tuple(args.positive_class), allow_empty=args.allow_empty,
+    )
+    result = tile_source(args.input, args.out, settings, workers=args.workers, overwrite=args.overwrite, progress=not args.quiet)
+    print(result.summary())
+
+
+def _run_info(args) -> None:
+    from pipeline.tiling import store_info
+
+    print(json.dumps(store_info(args.store), indent=2, ensure_ascii=False))
+
+
+def _run_qc(args) -> None:
+    from pipeline.qc import write_qc_table
+
+    rows = write_qc_table(args.stores, args.out)
+    flagged = sum(1 for r in rows if r["qc_flag"])
+    print(f"qc: {len(rows)} samples, {sum(r['tiles'] for r in rows)} tiles, {flagged} flagged -> {args.out}")
+
+
+def _run_bench(args) -> None:
+    from pipeline.bench import bench_tiling
+
+    if args.bench == "tiling":
+        bench_tiling(
+            args.slide, mpp=args.mpp, tile_size=args.tile_size, stride=args.stride, slide_mpp=args.slide_mpp,
+            kind=args.kind, workers=args.workers, repeat=args.repeat,
+        )
+
+
+COMMANDS = {"demo": _run_demo, "tile": _run_tile, "info": _run_info, "qc": _run_qc, "bench": _run_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="gapless: %(message)s", stream=sys.stderr)
+    logging.captureWarnings(True)
+    warnings.simplefilter("default")
+    try:
+        COMMANDS[args.command](args)
+    except GaplessError as exc:
+        print(f"gapless {args.command}: error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gapless {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,381 @@
+"""One reader interface for whole slides (OpenSlide) and cell images (tifffile, Pillow).
+
+Every source answers the same questions: its pyramid (level sizes and downsamples, level 0 first),
+its channels and dtype, its µm/px from metadata, and ``read_region`` in level-0 coordinates returning
+an H×W×C array in the source's own dtype. Slides are RGB uint8 composited onto white; cell images
+keep their channels and bit depth (a 16-bit two-channel OME-TIFF stays 16-bit with two channels).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import xml.etree.ElementTree as ET
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import GaplessError
+
+KINDS = ("slide", "image")
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".ome.tif", ".ome.tiff")
+
+# Resolution tags written by software that knows nothing of the microscope: 72 dpi (and friends)
+# would claim ~353 µm/px. Reading them as a calibration tiles at a nonsense scale, so we refuse.
+_PLACEHOLDER_DPI = (72.0, 96.0, 150.0, 300.0, 600.0)
+
+_MPP_FIX = "pass --slide-mpp (µm/px at full resolution) or set `mpp` in the sample sheet"
+
+
+def _placeholder_dpi(mpp: float) -> float | None:
+    dpi = 25400.0 / mpp
+    for candidate in _PLACEHOLDER_DPI:
+        if abs(dpi - candidate) / candidate < 1e-3:
+            return candidate
+    return None
+
+
+class Source(ABC):
+    """A readable image pyramid. Coordinates are level-0 pixels (x, y); sizes are (width, height)."""
+
+    path: Path
+    kind: str  # "slide" | "image"
+    format: str  # "aperio", "generic-tiff", "ome-tiff", "tiff", "png", ...
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    channels: int
+    dtype: np.dtype
+    channel_names: list[str]
+    metadata_mpp: float | None  # µm/px of level 0 from the file, None when absent or a placeholder
+    mpp_note: str = ""  # why metadata_mpp is None, for the error message
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def background(self) -> int:
+        """Fill value outside the image: white for RGB brightfield, 0 otherwise."""
+        return 255 if (self.channels == 3 and self.dtype == np.uint8) else 0
+
+    @abstractmethod
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """Pixels of ``size`` (w, h) at ``level`` whose top-left is ``location`` in level-0 px: h×w×C."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def resolve_mpp(self, override: float | None) -> tuple[float, str]:
+        """µm/px of level 0 and where it came from (``override`` | ``metadata``), or a clear error."""
+        if override is not None:
+            if not (override > 0 and math.isfinite(override)):
+                raise GaplessError(self.path, f"µm/px override must be a positive number, got {override}", _MPP_FIX)
+            return float(override), "override"
+        if self.metadata_mpp is None:
+            note = f" ({self.mpp_note})" if self.mpp_note else ""
+            raise GaplessError(self.path, f"no µm/px in the metadata{note}", _MPP_FIX)
+        return self.metadata_mpp, "metadata"
+
+
+class OpenSlideSource(Source):
+    """A whole slide in any format OpenSlide reads; RGBA composited onto white (not premultiplied)."""
+
+    kind = "slide"
+
+    def __init__(self, path: Path):
+        import openslide
+
+        self.path = Path(path)
+        try:
+            self._slide = openslide.OpenSlide(str(self.path))
+        except openslide.OpenSlideUnsupportedFormatError as exc:
+            raise GaplessError(self.path, f"not a slide format OpenSlide reads ({exc})", _FORMAT_FIX) from None
+        except openslide.OpenSlideError as exc:
+            fix = _CONVERT_FIX if "nsupported" in str(exc) else _CORRUPT_FIX
+            raise GaplessError(self.path, f"OpenSlide cannot open it: {exc}", fix) from None
+        self.format = openslide.OpenSlide.detect_format(str(self.path)) or "unknown"
+        self.level_dimensions = tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)
+        self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
+        self.channels = 3
+        self.dtype = np.dtype(np.uint8)
+        self.channel_names = ["R", "G", "B"]
+        self.metadata_mpp, self.mpp_note = self._mpp_from_properties(self._slide.properties)
+
+    @staticmethod
+    def _mpp_from_properties(props) -> tuple[float | None, str]:
+        try:
+            mpp_x = float(props["openslide.mpp-x"])
+            mpp_y = float(props.get("openslide.mpp-y", mpp_x))
+        except (KeyError, ValueError):
+            return None, "the file carries no openslide.mpp-x"
+        if not (mpp_x > 0 and mpp_y > 0):
+            return None, f"openslide.mpp-x is {mpp_x}"
+        if abs(mpp_x - mpp_y) / mpp_x > 0.01:
+            warnings.warn(f"non-square pixels ({mpp_x} × {mpp_y} µm); using the x resolution", stacklevel=2)
+        dpi = _placeholder_dpi(mpp_x)
+        if dpi is not None:
+            return None, f"its resolution tags say {dpi:g} dpi, a software default, not a microscope calibration"
+        return mpp_x, ""
+
+    def read_region(self, location, level, size):
+        import openslide
+
+        try:
+            rgba = np.asarray(self._slide.read_region((int(location[0]), int(location[1])), level, size))
+        except openslide.OpenSlideError as exc:
+            raise GaplessError(
+                self.path,
+                f"cannot read pixels at level {level} near ({location[0]}, {location[1]}): {exc}",
+                _CORRUPT_FIX,
+            ) from None
+        return composite_on_white(rgba)
+
+    def close(self):
+        self._slide.close()
+
+
+def composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """H×W×4 uint8 (straight, not premultiplied alpha) → H×W×3 uint8 over a white background."""
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha[..., None].astype(np.float32) / 255.0
+    return (rgb.astype(np.float32) * a + 255.0 * (1.0 - a) + 0.5).astype(np.uint8)
+
+
+class ArraySource(Source):
+    """A cell image held in memory (TIFF/OME-TIFF via tifffile, PNG/JPEG/... via Pillow), one level."""
+
+    kind = "image"
+
+    def __init__(self, path: Path, pixels: np.ndarray, fmt: str, channel_names: list[str],
+                 mpp: float | None, mpp_note: str):
+        self.path = Path(path)
+        self.pixels = pixels  # H×W×C
+        self.format = fmt
+        h, w, c = pixels.shape
+        self.level_dimensions = ((w, h),)
+        self.level_downsamples = (1.0,)
+        self.channels = c
+        self.dtype = pixels.dtype
+        self.channel_names = channel_names
+        self.metadata_mpp = mpp
+        self.mpp_note = mpp_note
+
+    def read_region(self, location, level, size):
+        if level != 0:
+            raise ValueError(f"{self.path} has one level; asked for level {level}")
+        x, y = int(location[0]), int(location[1])
+        w, h = int(size[0]), int(size[1])
+        H, W, C = self.pixels.shape
+        if x >= 0 and y >= 0 and x + w <= W and y + h <= H:
+            return self.pixels[y : y + h, x : x + w]
+        out = np.full((h, w, C), self.background, dtype=self.dtype)
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
+        if x1 > x0 and y1 > y0:
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self.pixels[y0:y1, x0:x1]
+        return out
+
+
+_FORMAT_FIX = "use a format OpenSlide reads (SVS, NDPI, MRXS, DICOM, tiled TIFF, ...) or a TIFF/PNG/JPEG cell image"
+_CONVERT_FIX = "convert it to a tiled pyramidal TIFF with JPEG or deflate compression (e.g. vips tiffsave --tile --pyramid)"
+_CORRUPT_FIX = "the file is damaged or truncated: copy it again or re-export it from the scanner software"
+
+
+def infer_kind(path: str | Path) -> str:
+    """``slide`` when OpenSlide reads the file as an RGB pyramid, else ``image`` (read in memory).
+
+    A tiled TIFF with more than 3 channels or more than 8 bits (multi-channel fluorescence) is an
+    image: OpenSlide would reduce it to 8-bit RGBA.
+    """
+    import openslide
+
+    path = Path(path)
+    if not path.exists():
+        raise GaplessError(path, "file not found", "check the path (relative paths in a sample sheet are relative to the sheet)")
+    fmt = openslide.OpenSlide.detect_format(str(path))
+    if fmt is None:
+        return "image"
+    if fmt == "generic-tiff" and not _tiff_is_rgb8(path):
+        return "image"
+    return "slide"
+
+
+def _tiff_is_rgb8(path: Path) -> bool:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            return page.samplesperpixel in (3, 4) and page.bitspersample == 8 and not tif.is_ome
+    except Exception:  # leave the verdict to OpenSlide, which reports its own error
+        return True
+
+
+def open_source(path: str | Path, kind: str | None = None) -> Source:
+    """Open a slide or cell image; ``kind`` forces the reader, None infers it from the file."""
+    path = Path(path)
+    if not path.exists():
+        raise GaplessError(path, "file not found", "check the path")
+    if path.is_dir() and kind != "slide":
+        kind = "slide"  # a DICOM or MRXS folder
+    if kind is None:
+        kind = infer_kind(path)
+    if kind not in KINDS:
+        raise GaplessError(path, f"unknown kind {kind!r}", "use slide or image")
+    if kind == "slide":
+        return OpenSlideSource(path)
+    return _open_image(path)
+
+
+def _open_image(path: Path) -> ArraySource:
+    name = path.name.lower()
+    if name.endswith(TIFF_SUFFIXES) or _has_tiff_magic(path):
+        return _open_tiff(path)
+    return _open_pillow(path)
+
+
+def _has_tiff_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _open_tiff(path: Path) -> ArraySource:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            axes = series.axes
+            data = series.asarray()
+            page = tif.pages[0]
+            mpp, note = _tiff_mpp(tif, page)
+            names = _ome_channel_names(tif) if tif.is_ome else []
+            fmt = "ome-tiff" if tif.is_ome else "tiff"
+    except GaplessError:
+        raise
+    except Exception as exc:
+        raise GaplessError(path, f"cannot read the TIFF: {exc}", _CORRUPT_FIX) from None
+    pixels = _to_yxc(path, data, axes)
+    if pixels.shape[2] == 4 and pixels.dtype == np.uint8 and not names:
+        pixels = composite_on_white(pixels)
+    names = names if len(names) == pixels.shape[2] else _default_channel_names(pixels)
+    return ArraySource(path, np.ascontiguousarray(pixels), fmt, names, mpp, note)
+
+
+def _to_yxc(path: Path, data: np.ndarray, axes: str) -> np.ndarray:
+    """Rearrange a tifffile series to H×W×C; single planes only (no z-stacks or time series)."""
+    axes = axes.upper()
+    for ax in list(axes):
+        if ax in "YXCS":
+            continue
+        i = axes.index(ax)
+        if data.shape[i] != 1:
+            raise GaplessError(
+                path,
+                f"has {data.shape[i]} planes along axis {ax!r} (axes {axes}); gapless tiles single 2-D planes",
+                "export one plane or a maximum projection",
+            )
+        data = np.take(data, 0, axis=i)
+        axes = axes.replace(ax, "", 1)
+    if "C" in axes and "S" in axes:
+        c, s = axes.index("C"), axes.index("S")
+        data = np.moveaxis(data, (c, s), (-2, -1))
+        data = data.reshape(*data.shape[:-2], data.shape[-2] * data.shape[-1])
+        axes = axes.replace("C", "").replace("S", "") + "C"
+    axes = axes.replace("S", "C")
+    if "C" not in axes:
+        data = data[..., None]
+        axes += "C"
+    if sorted(axes) != ["C", "X", "Y"]:
+        raise GaplessError(path, f"unexpected TIFF axes {axes!r}", "export a 2-D image with channels")
+    return np.transpose(data, [axes.index("Y"), axes.index("X"), axes.index("C")])
+
+
+def _tiff_mpp(tif, page) -> tuple[float | None, str]:
+    if tif.is_ome:
+        try:
+            root = ET.fromstring(tif.ome_metadata)
+            pixels = next(el for el in root.iter() if el.tag.endswith("Pixels"))
+            size = pixels.get("PhysicalSizeX")
+            unit = pixels.get("PhysicalSizeXUnit", "µm")
+            if size is not None:
+                factor = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}.get(unit)
+                if factor is None:
+                    return None, f"OME PhysicalSizeX has unknown unit {unit!r}"
+                return float(size) * factor, ""
+        except (ET.ParseError, StopIteration, ValueError):
+            pass
+    ij = tif.imagej_metadata or {}
+    xres = page.tags.get("XResolution")
+    unit_tag = page.tags.get("ResolutionUnit")
+    if xres is None:
+        return None, "the TIFF has no resolution tags"
+    num, den = xres.value
+    if not num or not den:
+        return None, "the TIFF resolution tags are empty"
+    px_per_unit = num / den
+    unit = int(unit_tag.value) if unit_tag is not None else 2
+    if ij.get("unit") in ("micron", "um", "µm", "\\u00B5m"):
+        return 1.0 / px_per_unit, ""
+    if unit == 3:  # centimetre
+        mpp = 1e4 / px_per_unit
+    elif unit == 2:  # inch
+        mpp = 25400.0 / px_per_unit
+    else:
+        return None, "the TIFF resolution tags have no unit"
+    dpi = _placeholder_dpi(mpp)
+    if dpi is not None:
+        return None, f"its resolution tags say {dpi:g} dpi, a software default, not a microscope calibration"
+    return mpp, ""
+
+
+def _ome_channel_names(tif) -> list[str]:
+    try:
+        root = ET.fromstring(tif.ome_metadata)
+    except ET.ParseError:
+        return []
+    return [el.get("Name") or f"C{i}" for i, el in enumerate(e for e in root.iter() if e.tag.endswith("Channel"))]
+
+
+def _default_channel_names(pixels: np.ndarray) -> list[str]:
+    if pixels.shape[2] == 3 and pixels.dtype == np.uint8:
+        return ["R", "G", "B"]
+    return [f"C{i}" for i in range(pixels.shape[2])]
+
+
+def _open_pillow(path: Path) -> ArraySource:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            fmt = (im.format or path.suffix.lstrip(".")).lower()
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                pixels = composite_on_white(np.asarray(im.convert("RGBA")))
+            elif im.mode in ("I;16", "I;16B", "I;16L"):
+                pixels = np.asarray(im).astype(np.uint16)[..., None]
+            elif im.mode == "L":
+                pixels = np.asarray(im)[..., None]
+            else:
+                pixels = np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise GaplessError(path, f"not an image gapless can read ({exc})", _FORMAT_FIX) from None
+    # Pillow's dpi is a display setting, never a microscope calibration.
+    return ArraySource(path, np.ascontiguousarray(pixels), fmt, _default_channel_names(pixels), None,
+                       f"{fmt.upper()} files carry no microscope calibration")

@@ -1,0 +1,469 @@
+"""Tile a slide or cell image into a zarr v3 store at a target µm/px.
+
+The store (schema ``gapless.tiles/1``): ``tiles`` (N, T, T, C) in the source dtype, one tile per
+chunk, many tiles per shard; ``coords`` (N, 2) int64 top-left (x, y) in level-0 px; ``tissue`` (N,)
+float32; ``labels`` (N,) int8 (−1 unknown); ``thumbnail`` (h, w, 3) uint8; ``tissue_mask`` (h', w')
+uint8; and attrs describing the geometry so every tile can be found again on the source.
+
+Work is spread over processes, each with its own reader (OpenSlide handles are not shared), each
+writing whole shards (partial-shard writes from several writers lose data in zarr 3). The store is
+written under ``<out>.partial`` and renamed to ``<out>`` only when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.errors import GaplessError
+from pipeline.io import Source, open_source
+from pipeline.tissue import TISSUE_METHODS, detect_modality, read_overview, resize, tissue_mask, to_display_rgb
+
+log = logging.getLogger("gapless.tiling")
+
+SCHEMA = "gapless.tiles/1"
+MPP_TOLERANCE = 0.05  # a level within 5% of the target µm/px is used as is, without resampling
+MASK_PX_PER_TILE = 16  # tissue mask resolution: about this many mask pixels across a tile
+MASK_MAX_SIDE = 4096
+THUMBNAIL_MAX_SIDE = 1024
+SHARD_BYTES = 32 * 2**20
+
+
+@dataclass(frozen=True)
+class TileSettings:
+    """What to cut: target µm/px, tile size and stride in output pixels, minimum tissue fraction."""
+
+    mpp: float = 0.5
+    tile_size: int = 224
+    stride: int | None = None  # None: = tile_size (no overlap)
+    min_tissue: float = 0.25
+    tissue: str = "auto"  # auto | brightfield | fluorescence | none
+    slide_mpp: float | None = None  # override of the source's level-0 µm/px
+    kind: str | None = None  # slide | image | None (inferred)
+    annotations: str | None = None
+    positive_classes: tuple[str, ...] = ()
+    allow_empty: bool = False  # write an empty store flagged "no tissue" instead of failing
+
+    def validate(self, path) -> None:
+        if not (self.mpp > 0 and math.isfinite(self.mpp)):
+            raise GaplessError(path, f"--mpp must be a positive number, got {self.mpp}", "e.g. --mpp 0.5")
+        if self.tile_size < 8:
+            raise GaplessError(path, f"--tile-size must be at least 8 px, got {self.tile_size}", "e.g. --tile-size 224")
+        if self.stride is not None and self.stride < 1:
+            raise GaplessError(path, f"--stride must be at least 1 px, got {self.stride}", "e.g. --stride 224")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise GaplessError(path, f"--min-tissue must be in [0, 1], got {self.min_tissue}", "e.g. --min-tissue 0.25")
+        if self.tissue not in TISSUE_METHODS:
+            raise GaplessError(path, f"--tissue must be one of {', '.join(TISSUE_METHODS)}, got {self.tissue!r}", "use auto")
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Where tiles come from. A tile is ``read_size`` px at ``level``, resized to ``tile_size``.
+
+    ``extent`` and ``step`` are the tile's width and the stride in level-0 px (floats: a level's
+    downsample need not be an integer); ``coords`` are rounded level-0 px.
+    """
+
+    level: int
+    downsample: float
+    read_size: int
+    tile_size: int
+    stride: int
+    tile_mpp: float
+    extent: float
+    step: float
+    columns: int
+    rows: int
+
+    @property
+    def resampled(self) -> bool:
+        return self.read_size != self.tile_size
+
+    def coords(self) -> np.ndarray:
+        """(columns·rows, 2) int64 top-left corners (x, y) in level-0 px, row by row."""
+        xs = np.rint(np.arange(self.columns) * self.step).astype(np.int64)
+        ys = np.rint(np.arange(self.rows) * self.step).astype(np.int64)
+        gx, gy = np.meshgrid(xs, ys)
+        return np.stack([gx.ravel(), gy.ravel()], axis=1)
+
+
+def plan_grid(source: Source, source_mpp: float, mpp: float, tile_size: int, stride: int | None = None) -> TileGrid:
+    """Choose the pyramid level and read size for tiles of ``tile_size`` px at ``mpp`` µm/px.
+
+    The coarsest level at least as fine as the target (within ``MPP_TOLERANCE``) is read, then
+    resized; a level within tolerance of the target is used as is, so its tiles are the slide's own
+    pixels. Only whole tiles inside the image are kept.
+    """
+    stride = tile_size if stride is None else stride
+    level_mpps = [source_mpp * d for d in source.level_downsamples]
+    fine_enough = [i for i, m in enumerate(level_mpps) if m <= mpp * (1 + MPP_TOLERANCE)]
+    level = max(fine_enough, key=lambda i: level_mpps[i]) if fine_enough else 0
+    if not fine_enough:
+        log.warning(
+            "%s: target %.3g µm/px is finer than the source (%.3g µm/px): tiles are upsampled",
+            source.path, mpp, level_mpps[0],
+        )
+    scale = mpp / level_mpps[level]
+    read_size = tile_size if abs(scale - 1) <= MPP_TOLERANCE else max(1, round(tile_size * scale))
+    downsample = source.level_downsamples[level]
+    tile_mpp = level_mpps[level] * read_size / tile_size
+    extent = read_size * downsample
+    step = stride * read_size / tile_size * downsample
+    W, H = source.dimensions
+    columns = int((W - extent) // step) + 1 if W >= extent else 0
+    rows = int((H - extent) // step) + 1 if H >= extent else 0
+    # rounding of step·i must not push the last tile past the edge
+    while columns and round((columns - 1) * step) + extent > W + 0.5:
+        columns -= 1
+    while rows and round((rows - 1) * step) + extent > H + 0.5:
+        rows -= 1
+    return TileGrid(level, downsample, read_size, tile_size, stride, tile_mpp, extent, step, columns, rows)
+
+
+def tissue_fractions(mask: np.ndarray, mask_downsample: tuple[float, float], coords: np.ndarray, extent: float) -> np.ndarray:
+    """(N,) float32 fraction of each tile's footprint that the mask marks as tissue (summed-area table)."""
+    h, w = mask.shape
+    sat = np.zeros((h + 1, w + 1), dtype=np.int64)
+    sat[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
+    dx, dy = mask_downsample
+    x0 = np.clip(np.rint(coords[:, 0] / dx), 0, w).astype(np.int64)
+    y0 = np.clip(np.rint(coords[:, 1] / dy), 0, h).astype(np.int64)
+    x1 = np.clip(np.rint((coords[:, 0] + extent) / dx), 0, w).astype(np.int64)
+    y1 = np.clip(np.rint((coords[:, 1] + extent) / dy), 0, h).astype(np.int64)
+    x1, y1 = np.maximum(x1, np.minimum(x0 + 1, w)), np.maximum(y1, np.minimum(y0 + 1, h))
+    area = np.maximum((x1 - x0) * (y1 - y0), 1)
+    inside = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
+    return (inside / area).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Channel statistics, accumulated per shard and merged: exact histograms for integer data.
+
+
+@dataclass
+class ChannelStats:
+    channels: int
+    bins: int
+    count: int = 0
+    total: np.ndarray = field(default=None)
+    total_sq: np.ndarray = field(default=None)
+    histogram: np.ndarray = field(default=None)
+
+    def __post_init__(self):
+        self.total = np.zeros(self.channels) if self.total is None else self.total
+        self.total_sq = np.zeros(self.channels) if self.total_sq is None else self.total_sq
+        self.histogram = np.zeros((self.channels, self.bins), np.int64) if self.histogram is None else self.histogram
+
+    def add(self, block: np.ndarray) -> None:
+        flat = block.reshape(-1, self.channels)
+        self.count += flat.shape[0]
+        f = flat.astype(np.float64)
+        self.total += f.sum(0)
+        self.total_sq += np.square(f).sum(0)
+        for c in range(self.channels):
+            self.histogram[c] += np.bincount(flat[:, c], minlength=self.bins)[: self.bins]
+
+    def merge(self, other: "ChannelStats") -> None:
+        self.count += other.count
+        self.total += other.total
+        self.total_sq += other.total_sq
+        self.histogram += other.histogram
+
+    def summary(self, names: Sequence[str]) -> dict:
+        """Per-channel mean, std, min, max and 1st/99th percentiles, in the tiles' raw units."""
+        if self.count == 0:
+            return {"names": list(names)}
+        mean = self.total / self.count
+        std = np.sqrt(np.maximum(self.total_sq / self.count - mean**2, 0))
+        cdf = self.histogram.cumsum(1) / self.count
+        values = np.arange(self.bins)
+
+        def pct(q):
+            return [int(values[np.searchsorted(cdf[c], q)]) for c in range(self.channels)]
+
+        nz = [np.flatnonzero(self.histogram[c]) for c in range(self.channels)]
+        return {
+            "names": list(names),
+            "mean": [round(float(v), 4) for v in mean],
+            "std": [round(float(v), 4) for v in std],
+            "min": [int(v[0]) for v in nz],
+            "max": [int(v[-1]) for v in nz],
+            "p01": pct(0.01),
+            "p99": pct(0.99),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers: one reader and one zarr handle per process.
+
+_worker: dict = {}
+
+
+def _init_worker(path: str, kind: str, tiles_path: str) -> None:
+    import zarr
+
+    _worker["source"] = open_source(path, kind)
+    _worker["tiles"] = zarr.open_array(tiles_path, mode="r+")
+
+
+def _cut_shard(start: int, coords: np.ndarray, level: int, read_size: int, tile_size: int, bins: int) -> ChannelStats:
+    """Read, resize and store tiles ``start … start+len(coords)`` (one whole shard) from this worker."""
+    source: Source = _worker["source"]
+    tiles = _worker["tiles"]
+    block = np.empty((len(coords), tile_size, tile_size, source.channels), dtype=source.dtype)
+    for i, (x, y) in enumerate(coords):
+        region = source.read_region((int(x), int(y)), level, (read_size, read_size))
+        block[i] = resize(region, (tile_size, tile_size)) if read_size != tile_size else region
+    tiles[start : start + len(coords)] = block
+    stats = ChannelStats(source.channels, bins)
+    stats.add(block)
+    return stats
+
+
+def _histogram_bins(dtype: np.dtype) -> int:
+    return 256 if dtype.itemsize == 1 else 65536
+
+
+def shard_tiles(n_tiles: int, tile_bytes: int, workers: int) -> int:
+    """Tiles per shard: at most ~32 MiB, at least 32 tiles, and about four shards per worker."""
+    by_bytes = max(1, SHARD_BYTES // tile_bytes)
+    by_workers = max(32, math.ceil(n_tiles / (4 * max(1, workers))))
+    return max(1, min(by_bytes, by_workers))
+
+
+@dataclass
+class TileResult:
+    out: Path
+    n_tiles: int
+    seconds: float
+    attrs: dict
+
+    @property
+    def tiles_per_second(self) -> float:
+        return self.n_tiles / self.seconds if self.seconds > 0 else float("nan")
+
+    def summary(self) -> str:
+        a = self.attrs
+        flag = f", QC flag: {a['qc_flag']}" if a.get("qc_flag") else ""
+        return (
+            f"{self.out}: {self.n_tiles} tiles of {a['tile_size']} px at {a['mpp']:.3g} µm/px "
+            f"(level {a['level']}, {a['modality']}) in {self.seconds:.1f} s, {self.tiles_per_second:.1f} tiles/s{flag}"
+        )
+
+
+def tile_source(
+    path: str | Path,
+    out: str | Path,
+    settings: TileSettings = TileSettings(),
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> TileResult:
+    """Tile ``path`` into the zarr store ``out``; see the module docstring for the layout."""
+    import zarr
+
+    start_time = time.perf_counter()
+    path, out = Path(path), Path(out)
+    settings.validate(path)
+    if out.exists() and not overwrite:
+        raise GaplessError(out, "the output store already exists", "remove it or pass --overwrite")
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():  # left by a run that was killed; it is never a finished store
+        shutil.rmtree(partial)
+
+    annotations = None
+    if settings.annotations:
+        from pipeline.annotations import load_annotations
+
+        annotations = load_annotations(settings.annotations)  # fail on bad annotations before any work
+
+    with open_source(path, settings.kind) as source:
+        source_mpp, mpp_source = source.resolve_mpp(settings.slide_mpp)
+        grid = plan_grid(source, source_mpp, settings.mpp, settings.tile_size, settings.stride)
+        if grid.columns == 0 or grid.rows == 0:
+            raise GaplessError(
+                path,
+                f"smaller than one tile: {source.dimensions[0]}×{source.dimensions[1]} px at {source_mpp:.3g} µm/px "
+                f"cannot hold a {settings.tile_size}-px tile at {settings.mpp:.3g} µm/px",
+                "use a smaller --tile-size or a coarser --mpp",
+            )
+        W, H = source.dimensions
+        mask_ds = max(1.0, grid.extent / MASK_PX_PER_TILE, max(W, H) / MASK_MAX_SIDE)
+        overview, overview_ds = read_overview(source, mask_ds)
+        modality = detect_modality(overview) if settings.tissue in ("auto", "none") else settings.tissue
+        method = modality if settings.tissue == "auto" else settings.tissue
+        mask = tissue_mask(overview, method, px_size_um=source_mpp * overview_ds[0])
+        all_coords = grid.coords()
+        all_fractions = tissue_fractions(mask, overview_ds, all_coords, grid.extent)
+        keep = all_fractions >= settings.min_tissue if settings.min_tissue > 0 else np.ones(len(all_coords), bool)
+        coords, fractions = all_coords[keep], all_fractions[keep]
+        n = len(coords)
+        qc_flag = None
+        if n == 0:
+            cause = (
+                f"no tissue found: 0 of {len(all_coords)} tiles have at least {settings.min_tissue:.0%} tissue "
+                f"({method} mask covers {mask.mean():.1%} of the image)"
+            )
+            if not settings.allow_empty:
+                raise GaplessError(
+                    path, cause,
+                    "check the image, lower --min-tissue, set --tissue brightfield|fluorescence|none, "
+                    "or pass --allow-empty to keep a flagged empty store",
+                )
+            log.warning("%s: %s; writing an empty store flagged 'no tissue'", path, cause)
+            qc_flag = "no tissue"
+
+        labels = np.full(n, -1, dtype=np.int8)
+        if annotations is not None:
+            from pipeline.annotations import tile_labels
+
+            labels = tile_labels(annotations, coords, grid.extent, settings.positive_classes, (W, H))
+
+        thumb_ds = max(1.0, max(W, H) / THUMBNAIL_MAX_SIDE)
+        thumb_src = overview
+        if thumb_ds > overview_ds[0] * 1.01:
+            tw, th = max(1, round(W / thumb_ds)), max(1, round(H / thumb_ds))
+            thumb_src = resize(overview, (tw, th))
+        thumbnail = to_display_rgb(thumb_src, modality)
+        channels, dtype = source.channels, source.dtype
+        attrs_source = dict(format=source.format, kind=source.kind, channel_names=list(source.channel_names))
+
+    T = settings.tile_size
+    tile_bytes = T * T * channels * dtype.itemsize
+    workers = max(1, min(workers, os.cpu_count() or 1))
+    per_shard = shard_tiles(n, tile_bytes, workers)
+    bins = _histogram_bins(dtype)
+    stats = ChannelStats(channels, bins)
+
+    try:
+        root = zarr.open_group(partial, mode="w", zarr_format=3)
+        tiles = root.create_array(
+            "tiles", shape=(n, T, T, channels), chunks=(1, T, T, channels), shards=(per_shard, T, T, channels),
+            dtype=dtype, fill_value=0, dimension_names=["tile", "y", "x", "c"],
+        )
+        root.create_array("coords", data=coords.astype(np.int64), chunks=(max(n, 1), 2), dimension_names=["tile", "xy"])
+        root.create_array("tissue", data=fractions.astype(np.float32), chunks=(max(n, 1),), dimension_names=["tile"])
+        root.create_array("labels", data=labels, chunks=(max(n, 1),), dimension_names=["tile"])
+        root.create_array("thumbnail", data=thumbnail, chunks=thumbnail.shape, dimension_names=["y", "x", "rgb"])
+        root.create_array("tissue_mask", data=mask.astype(np.uint8), chunks=mask.shape, dimension_names=["y", "x"])
+
+        shard_starts = list(range(0, n, per_shard))
+        bar = _progress(n, f"tiling {path.name}", progress)
+        if workers == 1 or len(shard_starts) == 1:
+            _init_worker(str(path), attrs_source["kind"], str(partial / "tiles"))
+            try:
+                for s in shard_starts:
+                    stats.merge(_cut_shard(s, coords[s : s + per_shard], grid.level, grid.read_size, T, bins))
+                    bar.update(len(coords[s : s + per_shard]))
+            finally:
+                _worker.pop("source").close()
+                _worker.clear()
+        else:
+            ctx = multiprocessing.get_context("spawn")  # fresh readers: no OpenSlide handle crosses a fork
+            with ProcessPoolExecutor(
+                workers, mp_context=ctx, initializer=_init_worker,
+                initargs=(str(path), attrs_source["kind"], str(partial / "tiles")),
+            ) as pool:
+                futures = {
+                    pool.submit(_cut_shard, s, coords[s : s + per_shard], grid.level, grid.read_size, T, bins): s
+                    for s in shard_starts
+                }
+                for fut in as_completed(futures):
+                    stats.merge(fut.result())
+                    bar.update(min(per_shard, n - futures[fut]))
+        bar.close()
+
+        seconds = time.perf_counter() - start_time
+        attrs = {
+            "schema": SCHEMA,
+            "source": str(path.resolve()),
+            **attrs_source,
+            "modality": modality,
+            "tissue_method": method,
+            "mpp": grid.tile_mpp,
+            "source_mpp": source_mpp,
+            "mpp_source": mpp_source,
+            "target_mpp": settings.mpp,
+            "level": grid.level,
+            "downsample": grid.downsample,
+            "read_size": grid.read_size,
+            "tile_size": T,
+            "stride": grid.stride,
+            "tile_extent": grid.extent,
+            "tile_step": grid.step,
+            "grid": [grid.columns, grid.rows],
+            "width": W,
+            "height": H,
+            "channels": channels,
+            "dtype": dtype.name,
+            "channel_stats": stats.summary(attrs_source["channel_names"]),
+            "min_tissue": settings.min_tissue,
+            "tissue_area_fraction": round(float(mask.mean()), 4),
+            "n_tiles": n,
+            "tiles_per_shard": per_shard,
+            "annotations": str(Path(settings.annotations).resolve()) if settings.annotations else None,
+            "positive_classes": list(settings.positive_classes),
+            "n_positive": int((labels == 1).sum()),
+            "thumbnail_downsample": [W / thumbnail.shape[1], H / thumbnail.shape[0]],
+            "tissue_mask_downsample": list(overview_ds),
+            "qc_flag": qc_flag,
+            "seconds": round(seconds, 3),
+            "tool_version": __version__,
+        }
+        root.attrs.update(attrs)
+        if out.exists():  # --overwrite: replace only once the new store is complete
+            shutil.rmtree(out)
+        os.replace(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return TileResult(out, n, seconds, attrs)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tile", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading stores back.
+
+
+def open_store(path: str | Path):
+    """Open a tile store read-only, checking it is one (a clear error otherwise)."""
+    import zarr
+
+    path = Path(path)
+    if not path.exists():
+        raise GaplessError(path, "no such tile store", "run `gapless tile` first")
+    try:
+        root = zarr.open_group(path, mode="r")
+    except Exception as exc:
+        raise GaplessError(path, f"not a zarr store ({exc.__class__.__name__})", "pass a store written by `gapless tile`") from None
+    if root.attrs.get("schema") != SCHEMA:
+        raise GaplessError(path, f"not a gapless tile store (schema {root.attrs.get('schema')!r})", "pass a store written by `gapless tile`")
+    return root
+
+
+def store_info(path: str | Path) -> dict:
+    """The store's attrs plus N and the array shapes, as ``gapless info`` prints them."""
+    root = open_store(path)
+    info = dict(root.attrs)
+    info["n"] = int(root["tiles"].shape[0])
+    info["arrays"] = {name: {"shape": list(arr.shape), "dtype": str(arr.dtype)} for name, arr in root.arrays()}
+    info["path"] = str(Path(path))
+    return info

@@ -1,0 +1,167 @@
+"""Tissue masks for brightfield (stain on white) and fluorescence (signal on black) images.
+
+Both work on a low-resolution overview of the whole source (a few thousand pixels on the long side),
+never on full-resolution pixels, so a 100,000-px slide costs the same as a small one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from pipeline.io import Source
+
+MODALITIES = ("brightfield", "fluorescence")
+TISSUE_METHODS = ("auto", "brightfield", "fluorescence", "none")
+
+
+def read_overview(source: Source, downsample: float, chunk: int = 2048) -> tuple[np.ndarray, tuple[float, float]]:
+    """The whole source at about ``downsample`` level-0 px per pixel: h×w×C in the source dtype.
+
+    Reads the coarsest pyramid level at least that fine, in ``chunk``-px pieces, so memory stays at
+    the size of the output. Returns the image and the exact (x, y) level-0 px per output pixel.
+    """
+    from PIL import Image
+
+    W, H = source.dimensions
+    downsample = max(1.0, float(downsample))
+    out_w, out_h = max(1, round(W / downsample)), max(1, round(H / downsample))
+    level = max(i for i, d in enumerate(source.level_downsamples) if d <= downsample * 1.001 or i == 0)
+    lw, lh = source.level_dimensions[level]
+    ld = source.level_downsamples[level]
+    out = np.empty((out_h, out_w, source.channels), dtype=source.dtype)
+    sx, sy = out_w / lw, out_h / lh  # output px per level px
+    for ty in range(0, lh, chunk):
+        for tx in range(0, lw, chunk):
+            w, h = min(chunk, lw - tx), min(chunk, lh - ty)
+            piece = source.read_region((round(tx * ld), round(ty * ld)), level, (w, h))
+            ox0, oy0 = round(tx * sx), round(ty * sy)
+            ox1, oy1 = round((tx + w) * sx), round((ty + h) * sy)
+            if ox1 <= ox0 or oy1 <= oy0:
+                continue
+            out[oy0:oy1, ox0:ox1] = resize(piece, (ox1 - ox0, oy1 - oy0), Image.Resampling.BOX)
+    return out, (W / out_w, H / out_h)
+
+
+def resize(pixels: np.ndarray, size: tuple[int, int], resample=None) -> np.ndarray:
+    """H×W×C → size (w, h)×C, any dtype, antialiased when shrinking (Pillow, per channel if needed)."""
+    from PIL import Image
+
+    if resample is None:
+        resample = Image.Resampling.LANCZOS
+    w, h = size
+    if pixels.shape[1] == w and pixels.shape[0] == h:
+        return pixels
+    if pixels.dtype == np.uint8 and pixels.shape[2] in (1, 3):
+        mode_pixels = pixels[..., 0] if pixels.shape[2] == 1 else pixels
+        out = np.asarray(Image.fromarray(mode_pixels).resize((w, h), resample))
+        return out.reshape(h, w, pixels.shape[2])
+    info = np.iinfo(pixels.dtype) if pixels.dtype.kind in "ui" else None
+    planes = []
+    for c in range(pixels.shape[2]):
+        plane = Image.fromarray(pixels[..., c].astype(np.float32), mode="F").resize((w, h), resample)
+        planes.append(np.asarray(plane))
+    out = np.stack(planes, axis=-1)
+    if info is not None:
+        out = np.clip(np.rint(out), info.min, info.max)
+    return out.astype(pixels.dtype)
+
+
+def detect_modality(overview: np.ndarray) -> str:
+    """``brightfield`` when most of the image is bright (stain on white), else ``fluorescence``.
+
+    Compares each channel's median to its 99.5th percentile: white background and pale stain keep
+    the median high; fluorescence is mostly dark background with sparse bright signal.
+    """
+    x = overview.reshape(-1, overview.shape[-1]).astype(np.float32)
+    hi = np.percentile(x, 99.5, axis=0)
+    med = np.median(x, axis=0)
+    valid = hi > 0
+    if not valid.any():
+        return "fluorescence"
+    brightness = float(np.mean(med[valid] / hi[valid]))
+    return "brightfield" if brightness > 0.5 else "fluorescence"
+
+
+def tissue_mask(overview: np.ndarray, modality: str, px_size_um: float | None = None) -> np.ndarray:
+    """Boolean h×w mask of tissue (brightfield) or cell-covered area (fluorescence).
+
+    ``px_size_um`` is the overview's µm per pixel, used to size smoothing and the smallest kept
+    object (about 50 µm across); None uses pixel-based defaults.
+    """
+    if modality == "none":
+        return np.ones(overview.shape[:2], dtype=bool)
+    if modality == "brightfield":
+        mask = _brightfield_mask(overview)
+    elif modality == "fluorescence":
+        mask = _fluorescence_mask(overview, px_size_um)
+    else:
+        raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+    return _clean(mask, px_size_um)
+
+
+def _brightfield_mask(rgb: np.ndarray) -> np.ndarray:
+    """Stained tissue absorbs light: optical density above that of the (estimated) white background."""
+    x = rgb.astype(np.float32)
+    if x.shape[-1] != 3:
+        x = np.repeat(x.mean(axis=-1, keepdims=True), 3, axis=-1)
+    if rgb.dtype != np.uint8:
+        x = x / max(float(np.percentile(x, 99.9)), 1.0) * 255.0
+    white = np.clip(np.percentile(x.reshape(-1, 3), 99, axis=0), 200.0, 255.0)
+    od = -np.log10(np.clip(x, 1.0, None) / white)
+    od_max = ndimage.uniform_filter(od.max(axis=-1), size=3)
+    saturation = ndimage.uniform_filter(x.max(axis=-1) - x.min(axis=-1), size=3)
+    return (od_max > 0.06) | (saturation > 18.0)
+
+
+def _fluorescence_mask(image: np.ndarray, px_size_um: float | None) -> np.ndarray:
+    """Signal on black: per-channel background-subtracted signal, smoothed over ~a cell, Otsu."""
+    from skimage.filters import threshold_otsu
+
+    x = image.astype(np.float32)
+    lo = np.percentile(x.reshape(-1, x.shape[-1]), 1, axis=0)
+    hi = np.percentile(x.reshape(-1, x.shape[-1]), 99.5, axis=0)
+    signal = ((x - lo) / np.maximum(hi - lo, 1e-6)).clip(0, 1).max(axis=-1)
+    sigma = 2.0 if px_size_um is None else max(1.0, 5.0 / px_size_um)  # ~5 µm: a nucleus
+    smooth = ndimage.gaussian_filter(signal, sigma)
+    if float(smooth.max() - smooth.min()) < 1e-3:
+        return np.zeros(signal.shape, dtype=bool)
+    cells = smooth > threshold_otsu(smooth)
+    # A cell's surroundings belong to the field of cells; grow the mask by ~10 µm.
+    grow = 3 if px_size_um is None else max(1, round(10.0 / px_size_um))
+    return ndimage.binary_dilation(cells, iterations=grow)
+
+
+def _clean(mask: np.ndarray, px_size_um: float | None) -> np.ndarray:
+    """Close small gaps, fill holes, drop specks smaller than ~50 µm across."""
+    from skimage.morphology import remove_small_objects
+
+    mask = ndimage.binary_closing(mask, iterations=2, border_value=0) | mask
+    mask = ndimage.binary_fill_holes(mask)
+    min_side = 4 if px_size_um is None else max(2.0, 50.0 / px_size_um)
+    return remove_small_objects(mask, max_size=int(min_side**2))
+
+
+def to_display_rgb(overview: np.ndarray, modality: str) -> np.ndarray:
+    """An RGB uint8 picture for QC and heatmap backgrounds.
+
+    Brightfield RGB passes through; fluorescence channels are each stretched between their 0.5th
+    and 99.8th percentiles and given a colour (blue, green, red, magenta, cyan, yellow, ...).
+    """
+    if overview.dtype == np.uint8 and overview.shape[-1] == 3 and modality == "brightfield":
+        return overview
+    x = overview.astype(np.float32)
+    flat = x.reshape(-1, x.shape[-1])
+    lo, hi = np.percentile(flat, 0.5, axis=0), np.percentile(flat, 99.8, axis=0)
+    x = ((x - lo) / np.maximum(hi - lo, 1e-6)).clip(0, 1)
+    if x.shape[-1] == 1:
+        rgb = np.repeat(x, 3, axis=-1)
+        if modality == "brightfield":
+            return (rgb * 255 + 0.5).astype(np.uint8)
+    else:
+        colours = np.array(
+            [[0, 0.45, 1], [0, 1, 0], [1, 0, 0], [1, 0, 1], [0, 1, 1], [1, 1, 0]], dtype=np.float32
+        )
+        weights = colours[np.arange(x.shape[-1]) % len(colours)]
+        rgb = np.clip(x @ weights, 0, 1)
+    return (rgb * 255 + 0.5).astype(np.uint8)

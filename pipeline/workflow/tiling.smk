@@ -1,0 +1,41 @@
+# Tiling: one zarr store of tiles per sample on a µm/px grid, then one QC table over all stores.
+
+
+rule tile:
+    input:
+        source=tile_source,
+        annotations=tile_annotations,
+    output:
+        directory(f"{TILES}/{{sample}}.zarr"),
+    params:
+        kind=sample_kind,
+        mpp=tile_grid("mpp"),
+        tile_size=tile_grid("tile_size"),
+        stride=tile_grid("stride"),
+        min_tissue=tile_grid("min_tissue"),
+        tissue=config["tiling"]["tissue"],
+        options=tile_options,
+    threads: 4
+    resources:
+        mem_mb=8000,
+    log:
+        f"{LOGS}/tile/{{sample}}.log",
+    conda:
+        "../../envs/gapless.yaml"
+    shell:
+        "gapless tile {input.source:q} --out {output:q} --kind {params.kind} --mpp {params.mpp}"
+        " --tile-size {params.tile_size} --stride {params.stride} --min-tissue {params.min_tissue}"
+        " --tissue {params.tissue} --workers {threads} {params.options} > {log:q} 2>&1"
+
+
+rule tiles_qc:
+    input:
+        tile_stores,
+    output:
+        f"{TILES}/qc.tsv",
+    log:
+        f"{LOGS}/tiles_qc.log",
+    conda:
+        "../../envs/gapless.yaml"
+    shell:
+        "gapless qc {input:q} --out {output:q} > {log:q} 2>&1"

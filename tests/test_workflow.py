@@ -1,0 +1,210 @@
+"""The Snakemake workflow: it parses, lints clean, stops on a bad sheet, and really runs demo → tile → qc.
+
+Every run works in a temporary directory (``--directory``), so nothing is left in the repository.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "Snakefile"
+DEFAULT_CONFIG = REPO / "config" / "config.yaml"
+
+
+def snakemake(workdir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the venv's Snakemake on the repository's Snakefile inside ``workdir``."""
+    env = dict(os.environ)
+    # the rules call the `gapless` console script installed beside this interpreter
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir), *args],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def output(result: subprocess.CompletedProcess) -> str:
+    return result.stdout + result.stderr
+
+
+def job_counts(dry_run_output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run as {rule: count}."""
+    lines = dry_run_output.splitlines()
+    start = lines.index("Job stats:") + 3
+    counts = {}
+    for line in lines[start:]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture()
+def sheet_workdir(tmp_path: Path) -> Path:
+    """A working directory with two (empty) input files, a sample sheet and a config using it."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.svs").write_bytes(b"")
+    (data / "b.tif").write_bytes(b"")
+    (data / "a.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    (data / "samples.csv").write_text(
+        "sample_id,path,label,kind,annotations,mpp\n"
+        "a,a.svs,positive,slide,a.geojson,0.25\n"
+        "b,b.tif,negative,image,,\n"
+    )
+    write_config(tmp_path / "config.yaml", {"samples": "data/samples.csv", "results": "out"})
+    return tmp_path
+
+
+def test_default_config_dry_run_plans_demo_tiles_and_qc(tmp_path: Path) -> None:
+    result = snakemake(tmp_path, "--configfile", str(DEFAULT_CONFIG), "-n", "--cores", "2")
+    assert result.returncode == 0, output(result)
+    demo = yaml.safe_load(DEFAULT_CONFIG.read_text())["demo"]
+    assert job_counts(result.stdout) == {
+        "all": 1,
+        "demo": 1,
+        "tile": demo["slides"] + demo["images"],
+        "tiles_qc": 1,
+        "total": demo["slides"] + demo["images"] + 3,
+    }
+    assert not (tmp_path / "results").exists()  # a dry run makes nothing
+
+
+def test_default_config_lints_clean(tmp_path: Path) -> None:
+    result = snakemake(tmp_path, "--configfile", str(DEFAULT_CONFIG), "--lint")
+    assert result.returncode == 0, output(result)
+    assert "Congratulations" in output(result)
+
+
+def test_sample_sheet_config_lints_clean_and_plans_no_demo(sheet_workdir: Path) -> None:
+    config = str(sheet_workdir / "config.yaml")
+    lint = snakemake(sheet_workdir, "--configfile", config, "--lint")
+    assert lint.returncode == 0, output(lint)
+    assert "Congratulations" in output(lint)
+
+    result = snakemake(sheet_workdir, "--configfile", config, "-n", "-p", "--cores", "2")
+    assert result.returncode == 0, output(result)
+    assert job_counts(result.stdout) == {"all": 1, "tile": 2, "tiles_qc": 1, "total": 4}
+    shell = result.stdout
+    # per-kind grids from the config defaults, the sheet's mpp and annotations as flags
+    assert f"gapless tile {sheet_workdir / 'data' / 'a.svs'} --out out/tiles/a.zarr --kind slide --mpp 1.0" in shell
+    assert f"--slide-mpp 0.25 --annotations {sheet_workdir / 'data' / 'a.geojson'}" in shell
+    assert "--out out/tiles/b.zarr --kind image --mpp 0.5" in shell
+    assert "gapless qc out/tiles/a.zarr out/tiles/b.zarr --out out/tiles/qc.tsv" in shell
+    assert "--allow-empty" not in shell
+
+
+def test_tiling_options_reach_the_command(sheet_workdir: Path) -> None:
+    config = write_config(
+        sheet_workdir / "flag.yaml",
+        {
+            "samples": "data/samples.csv",
+            "results": "out",
+            "tiling": {"on_empty": "flag", "positive_classes": ["Tumor", "DCIS"], "tissue": "none"},
+        },
+    )
+    result = snakemake(sheet_workdir, "--configfile", str(config), "-n", "-p", "--cores", "2")
+    assert result.returncode == 0, output(result)
+    assert "--tissue none" in result.stdout
+    assert "--positive-class Tumor --positive-class DCIS --allow-empty" in result.stdout
+    assert result.stdout.count("--allow-empty") == 2
+
+
+def test_sheet_problems_stop_the_dry_run_with_every_problem_listed(sheet_workdir: Path) -> None:
+    (sheet_workdir / "data" / "samples.csv").write_text(
+        "sample_id,path,label,kind\n"
+        "a,a.svs,positive,slide\n"
+        "a,missing.svs,positive,slide\n"
+        "c d,b.tif,maybe,image\n"
+    )
+    result = snakemake(sheet_workdir, "--configfile", str(sheet_workdir / "config.yaml"), "-n", "--cores", "2")
+    assert result.returncode != 0
+    text = output(result)
+    assert "4 problems in the sample sheet" in text
+    assert "row 3 (a): duplicate sample_id 'a'" in text
+    assert f"row 3 (a): file not found: {sheet_workdir / 'data' / 'missing.svs'}" in text
+    assert "row 4 (c d): sample_id 'c d' is not safe as a file name" in text
+    assert "row 4 (c d): unknown label 'maybe': the classes are negative, positive" in text
+    assert "rule tile" not in text  # stopped before planning any job
+
+
+def test_invalid_config_is_refused(sheet_workdir: Path) -> None:
+    config = write_config(
+        sheet_workdir / "bad.yaml", {"samples": "data/samples.csv", "tiling": {"on_empty": "ignore"}}
+    )
+    result = snakemake(sheet_workdir, "--configfile", str(config), "-n", "--cores", "2")
+    assert result.returncode != 0
+    assert "Error validating config file" in output(result)
+    assert "'ignore' is not one of ['error', 'flag']" in output(result)
+
+
+TINY_DEMO = {
+    "slides": 2,
+    "images": 2,
+    "slide_width": 768,
+    "slide_height": 640,
+    "slide_mpp": 0.5,
+    "image_size": 256,
+    "image_mpp": 0.5,
+    "seed": 0,
+}
+
+
+@pytest.mark.slow
+def test_real_run_demo_tile_qc(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    config = write_config(
+        tmp_path / "tiny.yaml",
+        {
+            "results": str(results),
+            "demo": {"out": str(tmp_path / "demo"), **TINY_DEMO},
+            "tiling": {
+                "slide": {"mpp": 1.0, "tile_size": 64, "stride": 64},
+                "image": {"mpp": 0.5, "tile_size": 64, "stride": 64},
+            },
+        },
+    )
+    result = snakemake(tmp_path, "--configfile", str(config), "--cores", "2", timeout=600)
+    logs = "\n".join(f"--- {p}\n{p.read_text()}" for p in sorted((results / "logs").rglob("*.log")))
+    assert result.returncode == 0, output(result)[-6000:] + logs
+
+    with open(tmp_path / "demo" / "samples.csv", newline="") as f:
+        demo_samples = {row["sample_id"]: row for row in csv.DictReader(f)}
+    assert len(demo_samples) == TINY_DEMO["slides"] + TINY_DEMO["images"]
+    for sample_id in demo_samples:
+        assert (results / "tiles" / f"{sample_id}.zarr" / "zarr.json").is_file(), sample_id
+        assert (results / "logs" / "tile" / f"{sample_id}.log").is_file()
+
+    with open(results / "tiles" / "qc.tsv", newline="") as f:
+        qc = {row["sample"]: row for row in csv.DictReader(f, delimiter="\t")}
+    assert sorted(qc) == sorted(demo_samples)
+    for sample_id, row in qc.items():
+        sample = demo_samples[sample_id]
+        # the per-kind grid of the config reached the tiler
+        assert row["kind"] == sample["kind"]
+        assert float(row["mpp"]) == (1.0 if sample["kind"] == "slide" else 0.5)
+        assert int(row["tiles"]) > 0 and not row["qc_flag"]
+        # the annotations reached the tiler: only positive samples have witness-labelled tiles
+        assert (int(row["positive_tiles"]) > 0) == (sample["label"] == "positive"), row
+
+    # a second run has nothing to do: outputs are complete and newer than inputs
+    again = snakemake(tmp_path, "--configfile", str(config), "--cores", "2", "-n")
+    assert again.returncode == 0, output(again)
+    assert "Nothing to be done" in output(again)

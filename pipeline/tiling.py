@@ -332,13 +332,16 @@ def tile_source(
                 "use a smaller --tile-size or a coarser --mpp",
             )
         W, H = source.dimensions
+        # One overview read serves both the tissue mask (~16 px per tile) and the thumbnail (≤ 1024 px).
         mask_ds = max(1.0, grid.extent / MASK_PX_PER_TILE, max(W, H) / MASK_MAX_SIDE)
-        overview, overview_ds = read_overview(source, mask_ds)
+        thumb_ds = max(1.0, max(W, H) / THUMBNAIL_MAX_SIDE)
+        overview, overview_ds = read_overview(source, min(mask_ds, thumb_ds))
         modality = detect_modality(overview) if settings.tissue in ("auto", "none") else settings.tissue
         method = modality if settings.tissue == "auto" else settings.tissue
-        mask = tissue_mask(overview, method, px_size_um=source_mpp * overview_ds[0])
+        mask_src, mask_px = _shrink(overview, overview_ds, mask_ds, (W, H))
+        mask = tissue_mask(mask_src, method, px_size_um=source_mpp * mask_px[0])
         all_coords = grid.coords()
-        all_fractions = tissue_fractions(mask, overview_ds, all_coords, grid.extent)
+        all_fractions = tissue_fractions(mask, mask_px, all_coords, grid.extent)
         keep = all_fractions >= settings.min_tissue if settings.min_tissue > 0 else np.ones(len(all_coords), bool)
         coords, fractions = all_coords[keep], all_fractions[keep]
         n = len(coords)
@@ -363,11 +366,7 @@ def tile_source(
 
             labels = tile_labels(annotations, coords, grid.extent, settings.positive_classes, (W, H))
 
-        thumb_ds = max(1.0, max(W, H) / THUMBNAIL_MAX_SIDE)
-        thumb_src = overview
-        if thumb_ds > overview_ds[0] * 1.01:
-            tw, th = max(1, round(W / thumb_ds)), max(1, round(H / thumb_ds))
-            thumb_src = resize(overview, (tw, th))
+        thumb_src, thumb_px = _shrink(overview, overview_ds, thumb_ds, (W, H))
         thumbnail = to_display_rgb(thumb_src, modality)
         channels, dtype = source.channels, source.dtype
         attrs_source = dict(format=source.format, kind=source.kind, channel_names=list(source.channel_names))
@@ -435,8 +434,8 @@ def tile_source(
             "annotations": str(Path(settings.annotations).resolve()) if settings.annotations else None,
             "positive_classes": list(settings.positive_classes),
             "n_positive": int((labels == 1).sum()),
-            "thumbnail_downsample": [W / thumbnail.shape[1], H / thumbnail.shape[0]],
-            "tissue_mask_downsample": list(overview_ds),
+            "thumbnail_downsample": list(thumb_px),
+            "tissue_mask_downsample": list(mask_px),
             "qc_flag": qc_flag,
             "seconds": round(seconds, 3),
             "tool_version": __version__,
@@ -484,6 +483,15 @@ def _cut_in_parallel(path, kind, tiles_path, shard_starts, job, workers, bar) ->
     for other in results[1:]:
         stats.merge(other)
     return stats
+
+
+def _shrink(image: np.ndarray, image_ds: tuple[float, float], ds: float, size: tuple[int, int]):
+    """``image`` (at ``image_ds`` level-0 px per pixel) at ~``ds`` instead, and its exact (x, y) downsample."""
+    if ds <= image_ds[0] * 1.01:
+        return image, image_ds
+    W, H = size
+    w, h = max(1, round(W / ds)), max(1, round(H / ds))
+    return resize(image, (w, h)), (W / w, H / h)
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -53,6 +53,9 @@ def test_aperio_tiles_are_the_slides_pixels(tmp_path):
     assert 20 < result.n_tiles < a["grid"][0] * a["grid"][1]
     assert (root["tissue"][:] >= 0.25).all()
     assert (root["labels"][:] == -1).all()
+    # the thumbnail (heatmap background) is 1024 px on the long side; the mask ~16 px per tile
+    assert root["thumbnail"].shape == (1024, round(2220 / 2967 * 1024), 3)
+    assert root["tissue_mask"].shape[0] == round(2967 / (224 / 16))
     for i in (0, result.n_tiles // 2, result.n_tiles - 1):
         np.testing.assert_array_equal(tiles[i], slide_pixels(CMU, coords[i], 0, 224))
     stats = a["channel_stats"]

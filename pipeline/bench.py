@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.io import open_source
-from pipeline.tiling import TileSettings, plan_grid, tile_source
+from pipeline.tiling import MIN_TILES_PER_WORKER, TileSettings, effective_workers, plan_grid, tile_source
 
 _bare: dict = {}
 
@@ -60,11 +60,13 @@ def bench_tiling(slide, mpp=0.5, tile_size=224, stride=None, slide_mpp=None, kin
         fmt = source.format
     coords = grid.coords()
     n = len(coords)
-    counts = sorted({1, workers or (os.cpu_count() or 1)})
+    counts = sorted({1, effective_workers(workers or (os.cpu_count() or 1), n)})
     print(
         f"bench tiling: {slide.name} ({fmt}), {n} tiles of {tile_size} px at {grid.tile_mpp:.3g} µm/px "
         f"from level {grid.level} (read {grid.read_size} px), cores {os.cpu_count()}"
     )
+    if workers and counts[-1] < workers:
+        print(f"({n} tiles: {counts[-1]} worker(s) at most, one per {MIN_TILES_PER_WORKER} tiles and core)")
     print(f"{'workers':>7} {'bare tiles/s':>13} {'tiler tiles/s':>14} {'tiler/bare':>10} {'tiler speed-up':>15}")
     rows = []
     settings = TileSettings(mpp=mpp, tile_size=tile_size, stride=stride, min_tissue=0.0, slide_mpp=slide_mpp, kind=kind)

@@ -268,6 +268,14 @@ def shard_tiles(n_tiles: int, tile_bytes: int, workers: int) -> int:
     return max(1, min(by_bytes, by_workers))
 
 
+MIN_TILES_PER_WORKER = 512  # starting a reader process costs about a second: small jobs use fewer
+
+
+def effective_workers(requested: int, n_tiles: int) -> int:
+    """Processes worth starting: no more than the cores, nor than ``n_tiles / MIN_TILES_PER_WORKER``."""
+    return max(1, min(requested, os.cpu_count() or 1, n_tiles // MIN_TILES_PER_WORKER))
+
+
 def tile_codecs(dtype: np.dtype) -> list:
     """Blosc-LZ4: lossless, and several times faster to write and read back than zstd for tiles."""
     from zarr.codecs import BloscCodec
@@ -373,7 +381,7 @@ def tile_source(
 
     T = settings.tile_size
     tile_bytes = T * T * channels * dtype.itemsize
-    workers = max(1, min(workers, os.cpu_count() or 1))
+    workers = effective_workers(workers, n)
     per_shard = shard_tiles(n, tile_bytes, workers)
     bins = _histogram_bins(dtype)
     stats = ChannelStats(channels, bins)
@@ -431,6 +439,7 @@ def tile_source(
             "tissue_area_fraction": round(float(mask.mean()), 4),
             "n_tiles": n,
             "tiles_per_shard": per_shard,
+            "workers": workers,
             "annotations": str(Path(settings.annotations).resolve()) if settings.annotations else None,
             "positive_classes": list(settings.positive_classes),
             "n_positive": int((labels == 1).sum()),

@@ -1,0 +1,389 @@
+"""Heads: class scores and a per-class spatial map from a B×C×h×w feature map.
+
+Every head returns a ``HeadOutput`` so training, evaluation and heatmaps never branch on the head's
+name. A head is one class registered by name (``@register_head("name")``); ``create_head`` and
+``pipeline.models.create_model`` find it there, so adding a head touches nothing else. A head that
+needs the backbone built differently says so in ``backbone_kwargs`` (passed to ``timm.create_model``),
+checks and adjusts the built backbone in ``prepare_backbone``, and reads what it recorded during the
+forward pass in ``read_backbone``; a head that fuses earlier stages sets ``feature_stages`` > 1 and
+receives them in ``extra["stages"]``.
+
+Initialisation, for every head: the final classifier is small (σ = 0.01) with its bias at
+log(class prior) (uniform when no prior is given), and attention logits start at exactly zero, so a
+fresh head predicts ≈ the prior and its attention is uniform — training from scratch starts stable,
+and gradients still reach the backbone on the first step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import nn
+
+from ..errors import GaplessError
+from .layers import ClassAttentionBlock, GateRecordingCbam
+
+__all__ = [
+    "HEADS",
+    "AttnPoolHead",
+    "CbamHead",
+    "GapHead",
+    "Head",
+    "HeadOutput",
+    "MaxHead",
+    "SaolHead",
+    "create_head",
+    "get_head_class",
+    "register_head",
+]
+
+
+@dataclass
+class HeadOutput:
+    """What every head returns.
+
+    logits: B×K class scores; log-probabilities log p_k where ``scores_are_log_probs`` (saol), raw
+        logits otherwise.
+    contribution: B×K×h×w per-class spatial contribution map on the feature grid; its meaning and its
+        identity with ``logits`` are documented on each head.
+    attention: B×1×h×w where the head has an attention or gate map, else None.
+    scores_are_log_probs: True → train with NLL on ``logits``; False → cross-entropy.
+    """
+
+    logits: torch.Tensor
+    contribution: torch.Tensor
+    attention: torch.Tensor | None
+    scores_are_log_probs: bool
+
+
+class Head(nn.Module):
+    """Base class: ``forward(features B×C×h×w, extra: dict | None) -> HeadOutput``.
+
+    Class attributes a subclass may set:
+      ``backbone_kwargs``: extra ``timm.create_model`` keyword arguments the head needs.
+      ``backbone_requirement``: the fix to print when a backbone cannot take those arguments.
+      ``accepts_stage_channels``: ``create_model`` passes ``stage_channels`` (channels of the
+        backbone's earlier, finer stages, shallow → deep) to the constructor.
+    Instance attribute ``feature_stages``: how many backbone stages the head reads (1 = the final
+    feature map only; n > 1 → the n − 1 deepest earlier stages arrive in ``extra["stages"]``).
+    """
+
+    name: ClassVar[str] = ""
+    backbone_kwargs: ClassVar[dict[str, Any]] = {}
+    backbone_requirement: ClassVar[str] = ""
+    accepts_stage_channels: ClassVar[bool] = False
+    scores_are_log_probs: ClassVar[bool] = False
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        if num_classes < 2:
+            raise GaplessError(
+                None,
+                f"num_classes is {num_classes}; heads score K ≥ 2 classes with a softmax",
+                "a binary label is num_classes=2",
+            )
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.feature_stages = 1
+
+    def prepare_backbone(self, backbone: nn.Module, backbone_name: str) -> None:
+        """Check (and adjust) the backbone built with ``backbone_kwargs``; raise GaplessError if unfit."""
+
+    def read_backbone(self, backbone: nn.Module) -> dict[str, Any]:
+        """Whatever the backbone recorded for this head during the latest forward (into ``extra``)."""
+        return {}
+
+    def forward(self, features: torch.Tensor, extra: dict[str, Any] | None = None) -> HeadOutput:
+        raise NotImplementedError
+
+
+HEADS: dict[str, type[Head]] = {}
+H = TypeVar("H", bound=type[Head])
+
+
+def register_head(name: str) -> Callable[[H], H]:
+    """Class decorator: make a Head available to ``create_head`` / ``create_model`` as ``name``."""
+
+    def register(cls: H) -> H:
+        if not (isinstance(cls, type) and issubclass(cls, Head)):
+            raise TypeError(f"{cls!r} is not a Head subclass")
+        if HEADS.get(name, cls) is not cls:
+            raise ValueError(f"head {name!r} is already registered by {HEADS[name].__qualname__}")
+        cls.name = name
+        HEADS[name] = cls
+        return cls
+
+    return register
+
+
+def get_head_class(name: str) -> type[Head]:
+    """The registered Head class called ``name``; GaplessError listing the choices if there is none."""
+    try:
+        return HEADS[name]
+    except KeyError:
+        raise GaplessError(None, f"unknown head {name!r}", f"choose one of {', '.join(sorted(HEADS))}") from None
+
+
+def create_head(name: str, in_channels: int, num_classes: int, **kwargs: Any) -> Head:
+    """Build the head registered as ``name`` for ``in_channels`` feature channels and K classes."""
+    return get_head_class(name)(in_channels, num_classes, **kwargs)
+
+
+def prior_log_bias(num_classes: int, class_prior: Sequence[float] | None) -> torch.Tensor:
+    """log(prior) as a K-vector (zeros when None): a bias that makes a zero-input head predict the prior."""
+    if class_prior is None:
+        return torch.zeros(num_classes)
+    prior = torch.as_tensor(class_prior, dtype=torch.float64)
+    if prior.shape != (num_classes,) or not bool((prior > 0).all()):
+        raise GaplessError(
+            None,
+            f"class_prior {list(class_prior)} is not {num_classes} positive class frequencies",
+            "pass one positive frequency per class, or leave class_prior unset for a uniform start",
+        )
+    return (prior / prior.sum()).log().float()
+
+
+def init_classifier(layer: nn.Linear | nn.Conv2d, class_prior: Sequence[float] | None, std: float = 0.01) -> None:
+    """Small weights and a log-prior bias: the head starts near the prior yet passes gradient back."""
+    trunc_normal_(layer.weight, std=std)
+    with torch.no_grad():
+        layer.bias.copy_(prior_log_bias(layer.weight.shape[0], class_prior))
+
+
+def class_activation_map(features: torch.Tensor, fc: nn.Linear) -> torch.Tensor:
+    """CAM (Zhou et al., CVPR 2016) with the bias: W_k·f_ij + b_k, B×K×h×w (per-position logits)."""
+    return F.conv2d(features, fc.weight[:, :, None, None].to(features.dtype), fc.bias.to(features.dtype))
+
+
+@register_head("gap")
+class GapHead(Head):
+    """Global average pooling + linear: the standard CNN classifier (Lin et al. 2014, "Network in Network").
+
+    contribution: the class activation map with bias, W_k·f_ij + b_k, i.e. the logit each position
+    would give alone; its **mean** over the h×w positions equals ``logits`` exactly (linearity).
+    attention: None. How well it works: strong when evidence covers much of the image; when the label
+    rests on a few instances among many, their signal is diluted by 1/(hw) and the CAM blurs them.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, *, class_prior: Sequence[float] | None = None):
+        super().__init__(in_channels, num_classes)
+        self.fc = nn.Linear(in_channels, num_classes)
+        init_classifier(self.fc, class_prior)
+
+    def forward(self, features: torch.Tensor, extra: dict[str, Any] | None = None) -> HeadOutput:
+        logits = self.fc(features.mean(dim=(2, 3)))
+        return HeadOutput(logits, class_activation_map(features, self.fc), None, False)
+
+
+@register_head("max")
+class MaxHead(Head):
+    """Global max pooling + linear: each channel reports its strongest position (Oquab et al., CVPR 2015).
+
+    contribution: for each channel c, W_kc · max_ij f_c,ij placed at the position where channel c
+    peaks (summed where several channels peak at one position); zero elsewhere. Its **sum** over
+    positions plus b_k equals ``logits`` exactly; the bias is left out because it belongs to no
+    position. attention: None. How well it works: the baseline a sparse witness favours (one strong
+    cell decides), but it sees one position per channel, so it is noisy and overconfident with
+    artefacts, and gradient reaches only the peak positions.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, *, class_prior: Sequence[float] | None = None):
+        super().__init__(in_channels, num_classes)
+        self.fc = nn.Linear(in_channels, num_classes)
+        init_classifier(self.fc, class_prior)
+
+    def forward(self, features: torch.Tensor, extra: dict[str, Any] | None = None) -> HeadOutput:
+        b, _, h, w = features.shape
+        peak, where = features.flatten(2).max(dim=2)  # B×C values and flat positions of each channel's peak
+        logits = self.fc(peak)
+        per_channel = peak.unsqueeze(1) * self.fc.weight  # B×K×C
+        k = per_channel.shape[1]
+        contribution = per_channel.new_zeros(b, k, h * w)
+        contribution = contribution.scatter_add(2, where.unsqueeze(1).expand(-1, k, -1), per_channel)
+        return HeadOutput(logits, contribution.view(b, k, h, w), None, False)
+
+
+@register_head("cbam")
+class CbamHead(GapHead):
+    """GAP + linear on a backbone with CBAM (Woo et al., ECCV 2018) in every residual block.
+
+    The backbone is built with ``block_args=dict(attn_layer=GateRecordingCbam)`` (timm's ResNet
+    family: resnet*, seresnet*, resnext*, …; anything else → GaplessError). contribution: the CAM,
+    exactly as ``gap`` (mean over positions = logits). attention: the last block's CBAM spatial gate,
+    B×1×h×w, a sigmoid per position in (0, 1) — not a distribution, it does not sum to 1. It is None
+    when the head is called without its backbone (no ``extra["spatial_gate"]``). How well it works:
+    the paper reports about 2 points lower ImageNet top-1 error for ResNet-50; timm's own note says
+    results are mixed and can hurt fine-grained tasks. The gate re-weights features inside the
+    network but the classifier still averages, so sparse evidence is helped only as far as the
+    gates suppress the background.
+    """
+
+    backbone_kwargs: ClassVar[dict[str, Any]] = {"block_args": {"attn_layer": GateRecordingCbam}}
+    backbone_requirement: ClassVar[str] = (
+        "the cbam head needs a timm ResNet-family backbone whose blocks take attn_layer "
+        "(resnet10t, resnet18, resnet50, seresnet50, resnext50_32x4d, …)"
+    )
+
+    def __init__(self, in_channels: int, num_classes: int, *, class_prior: Sequence[float] | None = None):
+        super().__init__(in_channels, num_classes, class_prior=class_prior)
+        self._gate_module = ""
+
+    def prepare_backbone(self, backbone: nn.Module, backbone_name: str) -> None:
+        names = [n for n, m in backbone.named_modules() if isinstance(m, GateRecordingCbam)]
+        if not names:
+            raise GaplessError(
+                None, f"backbone {backbone_name!r} built without CBAM blocks", self.backbone_requirement
+            )
+        for n in names:  # only the last block keeps its gate: no activations held for the others
+            backbone.get_submodule(n).record = False
+        backbone.get_submodule(names[-1]).record = True
+        self._gate_module = names[-1]
+
+    def read_backbone(self, backbone: nn.Module) -> dict[str, Any]:
+        if not self._gate_module:
+            return {}
+        gate = backbone.get_submodule(self._gate_module).pop_gate()
+        return {} if gate is None else {"spatial_gate": gate}
+
+    def forward(self, features: torch.Tensor, extra: dict[str, Any] | None = None) -> HeadOutput:
+        out = super().forward(features, extra)
+        out.attention = (extra or {}).get("spatial_gate")
+        return out
+
+
+@register_head("attnpool")
+class AttnPoolHead(Head):
+    """Attention-based pooling of PatchConvNet (Touvron et al. 2021, "Augmenting convolutional networks
+    with attention-based aggregation"): a learned class token attends over the h×w positions through
+    one class-attention block (LayerNorm, attention, LayerScale, MLP), then LayerNorm + linear.
+
+    Differences from the paper: the class token attends to the positions only (not to itself), so the
+    weights are a distribution over the image; one head by default (``num_heads``) so the map is one
+    map. LayerScale starts at ``init_values`` = 1e-4 (timm's class-attention default; CaiT uses 1e-5
+    in its 24-layer stacks): the block begins near the identity on the class token, so the first
+    predictions are ≈ the prior and the random attention/MLP inject little noise into a pretrained
+    backbone; Adam-type optimisers grow γ within the first few hundred steps — with plain SGD raise it
+    (0.01-0.1). The query projection starts at zero, so the initial attention is uniform.
+
+    attention: the class token's weights over positions, B×1×h×w, sum 1 (mean over heads).
+    contribution: attention_ij × ℓ_k,ij, where ℓ_ij are per-position logits: the logits the head
+    would output had all attention been on position ij (same block, norm and classifier). It is zero
+    where attention is zero, Σ_ij contribution equals ``logits`` exactly when all positions are alike
+    or the attention is one-hot, and approximately otherwise (the block after the attention is
+    non-linear; the gap is second order in LayerScale γ and grows as γ does). How well it works: the
+    paper reports that replacing a ResNet-50's average pooling with this block helps a little on
+    ImageNet and gives readable single-head maps; on many-instance images the softmax lets a few
+    positions dominate, which is the point, but it can also lock onto one artefact. Cost: ~12·C²
+    parameters (C = backbone channels: 3 M for resnet18, 50 M for resnet50), and the per-position
+    MLP for the contribution costs ~10·C² multiply-adds per position.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        num_heads: int = 1,
+        mlp_ratio: float = 4.0,
+        init_values: float = 1e-4,
+        drop: float = 0.0,
+        class_prior: Sequence[float] | None = None,
+    ):
+        super().__init__(in_channels, num_classes)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, in_channels))
+        trunc_normal_(self.cls_token, std=0.02)
+        self.block = ClassAttentionBlock(
+            in_channels, num_heads=num_heads, mlp_ratio=mlp_ratio, init_values=init_values, drop=drop
+        )
+        self.norm = nn.LayerNorm(in_channels)
+        self.fc = nn.Linear(in_channels, num_classes)
+        init_classifier(self.fc, class_prior)
+
+    def forward(self, features: torch.Tensor, extra: dict[str, Any] | None = None) -> HeadOutput:
+        b, c, h, w = features.shape
+        tokens = features.flatten(2).transpose(1, 2)  # B×N×C, N = h·w in row-major order
+        cls_token = self.cls_token.expand(b, -1, -1).to(tokens.dtype)
+        pooled, weights = self.block(cls_token, tokens)
+        logits = self.fc(self.norm(pooled)).squeeze(1)  # B×K
+        per_position = self.fc(self.norm(self.block.per_position(cls_token, tokens)))  # B×N×K
+        attention = weights.mean(dim=1)  # B×N, mean over heads
+        contribution = (attention.unsqueeze(2) * per_position).transpose(1, 2).reshape(b, -1, h, w)
+        return HeadOutput(logits, contribution, attention.view(b, 1, h, w), False)
+
+
+@register_head("saol")
+class SaolHead(Head):
+    """Spatially Attentive Output Layer (Kim, Baek & Kim, CVPR 2020).
+
+    A = softmax over positions of a 1×1 conv on the final features (B×1×h×w, sums to 1);
+    Y = softmax over classes of a 1×1 conv on the spatial features (B×K×h×w); p_k = Σ_ij A_ij·Y_k,ij.
+    ``logits`` are log p_k, computed in float32 as logsumexp_ij(log A_ij + log Y_k,ij) — exact, no
+    clamping — so ``scores_are_log_probs`` is True: train with NLL, never a second softmax.
+    Y fuses earlier stages as the paper does: with ``fuse_stages`` = 2 (default) the deepest earlier
+    stage (e.g. ResNet layer3, at 2× the resolution) is average-pooled to h×w and concatenated with
+    the final features before the conv; ``fuse_stages=1`` (or no ``stage_channels``, e.g. a bare
+    ``create_head``) computes Y from the final map only. The paper's A and Y branches are small conv
+    stacks and it adds self-supervised and self-distillation losses; here both are single 1×1 convs
+    and the extra losses are left to the trainer.
+
+    attention: A. contribution: A_ij·Y_k,ij, which sums over positions to p_k = exp(logits) exactly.
+    Init: the A conv is zero (uniform attention), the Y conv small with log-prior bias, so p ≈ prior.
+    How well it works: the paper reports modest top-1 gains over GAP-FC on CIFAR and ImageNet (larger
+    with its extra losses) and better weakly supervised localisation; the product A·Y lets a few
+    positions carry the prediction. Because p is a mixture of per-position softmaxes, it is never
+    more confident than its most confident position.
+    """
+
+    accepts_stage_channels: ClassVar[bool] = True
+    scores_are_log_probs: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        stage_channels: Sequence[int] = (),
+        fuse_stages: int = 2,
+        class_prior: Sequence[float] | None = None,
+    ):
+        super().__init__(in_channels, num_classes)
+        if fuse_stages < 1:
+            raise ValueError(f"fuse_stages must be ≥ 1, got {fuse_stages}")
+        fused = list(stage_channels)[-(fuse_stages - 1) :] if fuse_stages > 1 else []  # the deepest ones
+        self.feature_stages = 1 + len(fused)
+        self.attention_logits = nn.Conv2d(in_channels, 1, kernel_size=1)
+        nn.init.zeros_(self.attention_logits.weight)
+        nn.init.zeros_(self.attention_logits.bias)
+        self.spatial_logits = nn.Conv2d(in_channels + sum(fused), num_classes, kernel_size=1)
+        init_classifier(self.spatial_logits, class_prior)
+
+    def _spatial_input(self, features: torch.Tensor, extra: dict[str, Any] | None) -> torch.Tensor:
+        if self.feature_stages == 1:
+            return features
+        stages = list((extra or {}).get("stages", ()))[-(self.feature_stages - 1) :]
+        if len(stages) != self.feature_stages - 1:
+            raise ValueError(
+                f"saol was built to fuse {self.feature_stages - 1} earlier stage(s) but extra['stages'] "
+                f"has {len(stages)}; call it through InstanceModel or build it with fuse_stages=1"
+            )
+        size = features.shape[-2:]
+        pooled = [F.adaptive_avg_pool2d(s, size).to(features.dtype) for s in stages]
+        return torch.cat([*pooled, features], dim=1)
+
+    def forward(self, features: torch.Tensor, extra: dict[str, Any] | None = None) -> HeadOutput:
+        b, _, h, w = features.shape
+        attention_logits = self.attention_logits(features)
+        class_logits = self.spatial_logits(self._spatial_input(features, extra))
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            log_a = F.log_softmax(attention_logits.float().flatten(2), dim=2)  # B×1×N, over positions
+            log_y = F.log_softmax(class_logits.float().flatten(2), dim=1)  # B×K×N, over classes
+            log_contribution = log_a + log_y
+            log_p = torch.logsumexp(log_contribution, dim=2)  # B×K
+            contribution = log_contribution.exp().view(b, -1, h, w)
+            attention = log_a.exp().view(b, 1, h, w)
+        return HeadOutput(log_p, contribution, attention, True)

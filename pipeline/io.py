@@ -212,6 +212,8 @@ def infer_kind(path: str | Path) -> str:
     path = Path(path)
     if not path.exists():
         raise GaplessError(path, "file not found", "check the path (relative paths in a sample sheet are relative to the sheet)")
+    if path.is_dir():
+        return "slide" if _slide_in_folder(path) else "image"
     fmt = openslide.OpenSlide.detect_format(str(path))
     if fmt is None:
         return "image"
@@ -236,8 +238,9 @@ def open_source(path: str | Path, kind: str | None = None) -> Source:
     path = Path(path)
     if not path.exists():
         raise GaplessError(path, "file not found", "check the path")
-    if path.is_dir() and kind != "slide":
-        kind = "slide"  # a DICOM or MRXS folder
+    if path.is_dir():
+        path = _slide_in_folder(path)
+        kind = "slide"
     if kind is None:
         kind = infer_kind(path)
     if kind not in KINDS:
@@ -245,6 +248,24 @@ def open_source(path: str | Path, kind: str | None = None) -> Source:
     if kind == "slide":
         return OpenSlideSource(path)
     return _open_image(path)
+
+
+def _slide_in_folder(folder: Path) -> Path:
+    """A DICOM slide is a folder of .dcm files; OpenSlide opens it from any one of them."""
+    for candidate in sorted(folder.iterdir()):
+        if candidate.suffix.lower() == ".dcm" or (candidate.is_file() and _has_dicom_magic(candidate)):
+            return candidate
+    raise GaplessError(folder, "a folder, and no DICOM (.dcm) slide inside it",
+                       "give the slide file itself (for MIRAX, the .mrxs file beside its folder)")
+
+
+def _has_dicom_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
 
 
 def _open_image(path: Path) -> ArraySource:

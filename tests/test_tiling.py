@@ -310,3 +310,9 @@ def test_open_source_reads_every_format_through_one_interface():
             assert src.kind == kind and src.channels == channels
             region = src.read_region((5, 7), 0, (11, 13))
             assert region.shape == (13, 11, channels) and region.dtype == src.dtype
+
+
+def test_a_folder_without_a_dicom_slide_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a slide")
+    proc = gapless("tile", tmp_path, "--out", tmp_path / "x.zarr")
+    assert proc.returncode == 2 and "no DICOM" in proc.stderr and not (tmp_path / "x.zarr").exists()

@@ -15,7 +15,8 @@ from typing import Any
 
 import timm
 import torch
-from timm.models import adapt_input_conv, load_state_dict
+from safetensors.torch import load_file
+from timm.models import adapt_input_conv
 from torch import nn
 
 from ..errors import GaplessError
@@ -61,7 +62,9 @@ def create_backbone(
     return backbone
 
 
-def _timm_create(name: str, in_chans: int, pretrained: bool, requirement: str, kwargs: dict[str, Any]) -> nn.Module:
+def _timm_create(
+    name: str, in_chans: int, pretrained: bool, requirement: str, kwargs: dict[str, Any]
+) -> nn.Module:
     if not timm.is_model(name):
         raise GaplessError(None, f"unknown timm backbone {name!r}", "pick a name from timm.list_models()")
     try:
@@ -93,19 +96,41 @@ def load_backbone_weights(
     any other missing, unexpected or mis-shaped tensor is an error.
     """
     path = Path(path)
+    fix = WEIGHTS_FIX.replace("NAME", repr(name or "…"))
+    if not path.is_file():
+        raise GaplessError(path, "weights file not found", fix)
     try:
-        state = load_state_dict(str(path), use_ema=True, device="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise GaplessError(path, "weights file not found", WEIGHTS_FIX.replace("NAME", repr(name))) from None
+        state = _read_state_dict(path)
     except Exception as err:  # corrupt, not a checkpoint, pickled objects refused by weights_only, …
-        raise GaplessError(
-            path, f"cannot read weights ({type(err).__name__}: {err})", WEIGHTS_FIX.replace("NAME", repr(name))
-        ) from err
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise GaplessError(path, "file holds no state dict of tensors", WEIGHTS_FIX.replace("NAME", repr(name)))
+        raise GaplessError(path, f"cannot read weights ({type(err).__name__}: {err})", fix) from err
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise GaplessError(path, "file holds no state dict of tensors", fix)
     if any(k.startswith("backbone.") for k in state):  # a whole InstanceModel: keep its backbone
         state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     _load_checked(backbone, state, str(path), name, in_chans, set(fresh_ok))
+
+
+def _read_state_dict(path: Path) -> dict[str, Any]:
+    """Tensors by name from .safetensors, or from a torch file (tensors only: ``weights_only``)."""
+    if path.suffix == ".safetensors":
+        checkpoint: Any = load_file(str(path), device="cpu")
+    else:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(checkpoint, dict):  # training checkpoints as timm writes them; EMA weights first
+        for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+            if isinstance(checkpoint.get(key), dict):
+                checkpoint = checkpoint[key]
+                break
+    if not isinstance(checkpoint, dict):
+        return {}
+    return {_strip_wrappers(k): v for k, v in checkpoint.items()}
+
+
+def _strip_wrappers(key: str) -> str:
+    """Remove DDP (``module.``) and torch.compile (``_orig_mod.``) prefixes, nested either way."""
+    while key.startswith(("module.", "_orig_mod.")):
+        key = key.removeprefix("module.").removeprefix("_orig_mod.")
+    return key
 
 
 def _load_checked(
@@ -130,7 +155,9 @@ def _load_checked(
             if rgb_stem and state[key].shape[0] == expected[key].shape[0]:
                 state[key] = adapt_input_conv(in_chans, state[key])  # timm's own rule: repeat and rescale
 
-    missing = sorted(k for k in expected if k not in state and k not in fresh_ok)
+    # BatchNorm step counters are not weights; some exporters drop them
+    optional = fresh_ok | {k for k in expected if k.endswith("num_batches_tracked")}
+    missing = sorted(k for k in expected if k not in state and k not in optional)
     unexpected = sorted(k for k in state if k not in expected)
     wrong_shape = sorted(
         f"{k} {tuple(state[k].shape)}≠{tuple(expected[k].shape)}"
@@ -149,7 +176,7 @@ def _load_checked(
         )
     fresh = [k for k in expected if k not in state]
     backbone.load_state_dict(state, strict=False)
-    log.info("loaded %d backbone tensors from %s (%d added by the head kept fresh)", len(state), source, len(fresh))
+    log.info("loaded %d backbone tensors from %s (%d kept fresh)", len(state), source, len(fresh))
 
 
 def _keys_added(backbone: nn.Module, name: str, in_chans: int) -> set[str]:

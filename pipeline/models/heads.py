@@ -8,7 +8,7 @@ checks and adjusts the built backbone in ``prepare_backbone``, and reads what it
 forward pass in ``read_backbone``; a head that fuses earlier stages sets ``feature_stages`` > 1 and
 receives them in ``extra["stages"]``.
 
-Initialisation, for every head: the final classifier is small (σ = 0.01) with its bias at
+Initialisation, for every head: the final classifier is small (σ = 0.1/√fan_in) with its bias at
 log(class prior) (uniform when no prior is given), and attention logits start at exactly zero, so a
 fresh head predicts ≈ the prior and its attention is uniform — training from scratch starts stable,
 and gradients still reach the backbone on the first step.
@@ -71,6 +71,11 @@ class Head(nn.Module):
         backbone's earlier, finer stages, shallow → deep) to the constructor.
     Instance attribute ``feature_stages``: how many backbone stages the head reads (1 = the final
     feature map only; n > 1 → the n − 1 deepest earlier stages arrive in ``extra["stages"]``).
+
+    ``extra`` keys filled by ``InstanceModel``: ``"stages"`` (list of B×C_s×h_s×w_s, shallow → deep)
+    and whatever ``read_backbone`` returns (cbam: ``"spatial_gate"``, B×1×h×w). A bare head called
+    on a feature map gets ``extra=None`` and must still work (fusing or gate-reading heads degrade or
+    say why).
     """
 
     name: ClassVar[str] = ""
@@ -126,7 +131,8 @@ def get_head_class(name: str) -> type[Head]:
     try:
         return HEADS[name]
     except KeyError:
-        raise GaplessError(None, f"unknown head {name!r}", f"choose one of {', '.join(sorted(HEADS))}") from None
+        choices = ", ".join(sorted(HEADS))
+        raise GaplessError(None, f"unknown head {name!r}", f"choose one of {choices}") from None
 
 
 def create_head(name: str, in_channels: int, num_classes: int, **kwargs: Any) -> Head:
@@ -148,9 +154,15 @@ def prior_log_bias(num_classes: int, class_prior: Sequence[float] | None) -> tor
     return (prior / prior.sum()).log().float()
 
 
-def init_classifier(layer: nn.Linear | nn.Conv2d, class_prior: Sequence[float] | None, std: float = 0.01) -> None:
-    """Small weights and a log-prior bias: the head starts near the prior yet passes gradient back."""
-    trunc_normal_(layer.weight, std=std)
+def init_classifier(
+    layer: nn.Linear | nn.Conv2d, class_prior: Sequence[float] | None, gain: float = 0.1
+) -> None:
+    """Small weights and a log-prior bias: the head starts near the prior yet passes gradient back.
+
+    σ = gain/√fan_in: unit-variance inputs give logits within ~±gain of log(prior), whatever C is.
+    """
+    fan_in = layer.weight[0].numel()
+    trunc_normal_(layer.weight, std=gain / fan_in**0.5)
     with torch.no_grad():
         layer.bias.copy_(prior_log_bias(layer.weight.shape[0], class_prior))
 
@@ -167,7 +179,8 @@ class GapHead(Head):
     contribution: the class activation map with bias, W_k·f_ij + b_k, i.e. the logit each position
     would give alone; its **mean** over the h×w positions equals ``logits`` exactly (linearity).
     attention: None. How well it works: strong when evidence covers much of the image; when the label
-    rests on a few instances among many, their signal is diluted by 1/(hw) and the CAM blurs them.
+    rests on a few instances among many, their signal is diluted by 1/(hw) — a few positive cells
+    must outweigh every negative one — which is the question this pipeline measures.
     """
 
     def __init__(self, in_channels: int, num_classes: int, *, class_prior: Sequence[float] | None = None):
@@ -188,8 +201,8 @@ class MaxHead(Head):
     peaks (summed where several channels peak at one position); zero elsewhere. Its **sum** over
     positions plus b_k equals ``logits`` exactly; the bias is left out because it belongs to no
     position. attention: None. How well it works: the baseline a sparse witness favours (one strong
-    cell decides), but it sees one position per channel, so it is noisy and overconfident with
-    artefacts, and gradient reaches only the peak positions.
+    cell decides), but it sees one position per channel, so one bright artefact can decide alone,
+    and gradient reaches only the peak positions.
     """
 
     def __init__(self, in_channels: int, num_classes: int, *, class_prior: Sequence[float] | None = None):
@@ -213,7 +226,7 @@ class CbamHead(GapHead):
     """GAP + linear on a backbone with CBAM (Woo et al., ECCV 2018) in every residual block.
 
     The backbone is built with ``block_args=dict(attn_layer=GateRecordingCbam)`` (timm's ResNet
-    family: resnet*, seresnet*, resnext*, …; anything else → GaplessError). contribution: the CAM,
+    family: resnet*, resnext*, wide_resnet*, …; anything else → GaplessError). contribution: the CAM,
     exactly as ``gap`` (mean over positions = logits). attention: the last block's CBAM spatial gate,
     B×1×h×w, a sigmoid per position in (0, 1) — not a distribution, it does not sum to 1. It is None
     when the head is called without its backbone (no ``extra["spatial_gate"]``). How well it works:
@@ -226,7 +239,7 @@ class CbamHead(GapHead):
     backbone_kwargs: ClassVar[dict[str, Any]] = {"block_args": {"attn_layer": GateRecordingCbam}}
     backbone_requirement: ClassVar[str] = (
         "the cbam head needs a timm ResNet-family backbone whose blocks take attn_layer "
-        "(resnet10t, resnet18, resnet50, seresnet50, resnext50_32x4d, …)"
+        "(resnet10t, resnet18, resnet50, resnext50_32x4d, wide_resnet50_2, …)"
     )
 
     def __init__(self, in_channels: int, num_classes: int, *, class_prior: Sequence[float] | None = None):
@@ -267,14 +280,15 @@ class AttnPoolHead(Head):
     map. LayerScale starts at ``init_values`` = 1e-4 (timm's class-attention default; CaiT uses 1e-5
     in its 24-layer stacks): the block begins near the identity on the class token, so the first
     predictions are ≈ the prior and the random attention/MLP inject little noise into a pretrained
-    backbone; Adam-type optimisers grow γ within the first few hundred steps — with plain SGD raise it
-    (0.01-0.1). The query projection starts at zero, so the initial attention is uniform.
+    backbone; an Adam step moves γ by up to ~lr, so it reaches 1e-2 within ~1e-2/lr steps — with
+    plain SGD raise it (0.01-0.1). The query projection starts at zero: the initial attention is
+    uniform.
 
     attention: the class token's weights over positions, B×1×h×w, sum 1 (mean over heads).
     contribution: attention_ij × ℓ_k,ij, where ℓ_ij are per-position logits: the logits the head
     would output had all attention been on position ij (same block, norm and classifier). It is zero
     where attention is zero, Σ_ij contribution equals ``logits`` exactly when all positions are alike
-    or the attention is one-hot, and approximately otherwise (the block after the attention is
+    or every head puts all its weight on one position, and approximately otherwise (the block after the attention is
     non-linear; the gap is second order in LayerScale γ and grows as γ does). How well it works: the
     paper reports that replacing a ResNet-50's average pooling with this block helps a little on
     ImageNet and gives readable single-head maps; on many-instance images the softmax lets a few

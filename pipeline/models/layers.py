@@ -10,9 +10,14 @@
 from __future__ import annotations
 
 import torch
-from timm.layers import LayerScale, Mlp
+from timm.layers import Mlp
 from timm.layers.cbam import CbamModule
 from torch import nn
+
+try:
+    from timm.layers import LayerScale
+except ImportError:  # older timm kept LayerScale in its ViT module
+    from timm.models.vision_transformer import LayerScale
 
 
 class GateRecordingCbam(CbamModule):

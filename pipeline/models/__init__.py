@@ -1,0 +1,48 @@
+"""Models: a timm backbone and one of several heads that score many-instance images and map them.
+
+    model = create_model("resnet18", "saol", num_classes=2, in_chans=3, pretrained=False)
+    out = model(images)            # HeadOutput: logits B×K, contribution B×K×h×w, attention, …
+    loss = F.nll_loss(out.logits, y) if out.scores_are_log_probs else F.cross_entropy(out.logits, y)
+
+Heads (``HEADS``): gap, max, cbam, attnpool, saol. Add one with ``@register_head("name")`` on a
+``Head`` subclass; nothing else changes.
+"""
+
+from .backbone import create_backbone, earlier_stage_indices, load_backbone_weights
+from .heads import (
+    HEADS,
+    AttnPoolHead,
+    CbamHead,
+    GapHead,
+    Head,
+    HeadOutput,
+    MaxHead,
+    SaolHead,
+    create_head,
+    get_head_class,
+    register_head,
+)
+from .layers import ClassAttention, ClassAttentionBlock, GateRecordingCbam
+from .model import InstanceModel, create_model
+
+__all__ = [
+    "HEADS",
+    "AttnPoolHead",
+    "CbamHead",
+    "ClassAttention",
+    "ClassAttentionBlock",
+    "GapHead",
+    "GateRecordingCbam",
+    "Head",
+    "HeadOutput",
+    "InstanceModel",
+    "MaxHead",
+    "SaolHead",
+    "create_backbone",
+    "create_head",
+    "create_model",
+    "earlier_stage_indices",
+    "get_head_class",
+    "load_backbone_weights",
+    "register_head",
+]

@@ -1,0 +1,312 @@
+"""Train one head × seed on tile stores and track it as an MLflow run.
+
+The same code path for every head: the model returns a ``HeadOutput`` and the loss is NLL on
+log-probabilities (saol) or cross-entropy on logits (the others) — chosen by the output, not the name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.errors import GaplessError
+
+log = logging.getLogger("gapless.train")
+
+
+@dataclass
+class TrainSettings:
+    """What a training run is: model, optimisation and data choices (units: epochs, px, samples)."""
+
+    backbone: str = "resnet10t"
+    head: str = "gap"
+    seed: int = 0
+    pretrained: bool | str = False
+    kind: str = "slide"  # which samples form the cohort: slide | image (different channels)
+    epochs: int = 4
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    grad_clip: float = 1.0
+    image_size: int | None = None
+    steps_per_epoch: int | None = None  # None: one pass over the training tiles
+    split_fractions: tuple[float, float, float] = (0.5, 0.25, 0.25)
+    workers: int = 2
+    head_kwargs: dict = field(default_factory=dict)
+
+
+def set_determinism(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """ECE over ``bins`` equal-width confidence bins (top-class confidence vs accuracy)."""
+    conf = probs.max(1)
+    pred = probs.argmax(1)
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (conf > lo) & (conf <= hi)
+        if sel.any():
+            ece += sel.mean() * abs((pred[sel] == labels[sel]).mean() - conf[sel].mean())
+    return float(ece)
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray, prefix: str) -> dict:
+    """AUROC (positive = last class; macro one-vs-rest for K > 2), accuracy, balanced accuracy, F1, ECE."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+    out = {}
+    if len(np.unique(labels)) > 1:
+        if probs.shape[1] == 2:
+            out[f"{prefix}_auroc"] = float(roc_auc_score(labels, probs[:, 1]))
+        else:
+            out[f"{prefix}_auroc"] = float(roc_auc_score(labels, probs, multi_class="ovr"))
+    pred = probs.argmax(1)
+    out[f"{prefix}_accuracy"] = float(accuracy_score(labels, pred))
+    out[f"{prefix}_balanced_accuracy"] = float(balanced_accuracy_score(labels, pred))
+    out[f"{prefix}_f1"] = float(f1_score(labels, pred, average="binary" if probs.shape[1] == 2 else "macro", zero_division=0))
+    out[f"{prefix}_ece"] = expected_calibration_error(probs, labels)
+    return out
+
+
+def sample_metrics(probs: np.ndarray, sample_index: np.ndarray, sample_labels: np.ndarray) -> dict:
+    """Sample-level AUROC from tile probabilities of the last class, aggregated by mean and by max.
+
+    ``sample_index`` (N,) gives each tile's sample; ``sample_labels[i]`` is sample i's label.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    ids = np.unique(sample_index)
+    labels = sample_labels[ids]
+    out = {"test_samples": int(len(ids))}
+    if len(np.unique(labels)) < 2:
+        return out
+    for name, agg in (("mean", np.mean), ("max", np.max)):
+        scores = np.array([agg(probs[sample_index == i, -1]) for i in ids])
+        out[f"test_sample_auroc_{name}"] = float(roc_auc_score(labels, scores))
+    return out
+
+
+def peak_memory_mb(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def predict(model, loader, device, autocast) -> dict:
+    """Class probabilities, labels, sample indices and the images/s of inference over ``loader``."""
+    import torch
+
+    model.eval()
+    probs, labels, samples = [], [], []
+    n, t0 = 0, time.perf_counter()
+    with torch.no_grad(), autocast():
+        for x, y, s in loader:
+            x = x.to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.to(memory_format=torch.channels_last)
+            out = model(x)
+            logits = out.logits.float()
+            p = logits.exp() if out.scores_are_log_probs else logits.softmax(1)
+            probs.append(p.cpu().numpy())
+            labels.append(y.numpy())
+            samples.append(s.numpy())
+            n += len(x)
+    seconds = time.perf_counter() - t0
+    return {
+        "probs": np.concatenate(probs) if probs else np.zeros((0, 2)),
+        "labels": np.concatenate(labels) if labels else np.zeros(0, int),
+        "samples": np.concatenate(samples) if samples else np.zeros(0, int),
+        "images_per_s": n / seconds if seconds > 0 else float("nan"),
+    }
+
+
+def loss_fn(out, y):
+    import torch.nn.functional as F
+
+    logits = out.logits.float()  # the loss in float32, whatever the autocast dtype
+    return F.nll_loss(logits, y) if out.scores_are_log_probs else F.cross_entropy(logits, y)
+
+
+def _plots(test: dict, classes: list[str], out: Path) -> list[Path]:
+    """ROC curve and confusion matrix of the test split, as PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
+
+    paths = []
+    probs, labels = test["probs"], test["labels"]
+    if len(np.unique(labels)) > 1 and probs.shape[1] == 2:
+        fig, ax = plt.subplots(figsize=(4, 4))
+        RocCurveDisplay.from_predictions(labels, probs[:, 1], ax=ax, name="tiles")
+        ax.set_title("test ROC (tile level)")
+        paths.append(out / "roc.png")
+        fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ConfusionMatrixDisplay.from_predictions(labels, probs.argmax(1), labels=list(range(len(classes))),
+                                            display_labels=classes, ax=ax, colorbar=False)
+    ax.set_title("test confusion (tile level)")
+    paths.append(out / "confusion.png")
+    fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, experiment_id: str,
+          parent_run_id: str | None = None, sheet_path=None, progress: bool = True) -> dict:
+    """Train ``settings.head`` on the tiles of ``samples`` (kind ``settings.kind``); return final metrics.
+
+    ``stores``: sample_id → tile store path. Writes ``out_dir/weights.safetensors``, ``model.json``,
+    ``metrics.json`` and ``run_id.txt``, and logs the same to a child run of ``parent_run_id``.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from pipeline import data
+    from pipeline.models import create_model
+    from pipeline.tracking import RunLogger
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    set_determinism(settings.seed)
+    cohort = [s for s in samples if s.kind == settings.kind]
+    if not cohort:
+        raise GaplessError(sheet_path, f"no samples of kind {settings.kind!r} to train on", "set train.kind to slide or image")
+    splits = data.split_samples(cohort, settings.seed, settings.split_fractions)
+    table = data.build_tile_table(cohort, stores, classes)
+    parts = {name: table.for_samples([s for s, v in splits.items() if v == name]) for name in ("train", "val", "test")}
+    for name, part in parts.items():
+        if len(part) == 0:
+            raise GaplessError(sheet_path, f"the {name} split has no tiles", "add samples or change train.split_fractions")
+    mean, std = data.channel_normalisation(parts["train"])
+    size = settings.image_size
+    make = lambda part, is_train: data.TileDataset(part, data.build_transforms(  # noqa: E731
+        table.modality, is_train, mean, std, image_size=size, tile_size=table.tile_size))
+    sampler = data.balanced_sampler(parts["train"], settings.seed,
+                                    num_samples=(settings.steps_per_epoch or 0) * settings.batch_size or None)
+    train_loader = data.make_loader(make(parts["train"], True), settings.batch_size, settings.workers,
+                                    sampler=sampler, seed=settings.seed, drop_last=True)
+    val_loader = data.make_loader(make(parts["val"], False), settings.batch_size * 2, settings.workers)
+    test_loader = data.make_loader(make(parts["test"], False), settings.batch_size * 2, settings.workers)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    prior = (parts["train"].class_counts() / max(1, len(parts["train"]))).tolist()
+    model = create_model(settings.backbone, settings.head, len(classes), in_chans=table.channels,
+                         pretrained=settings.pretrained, **settings.head_kwargs).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else (
+        lambda: torch.autocast("cpu", enabled=False))
+    optimiser = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    steps = len(train_loader)
+    total = steps * settings.epochs
+    warmup = round(settings.warmup_epochs * steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: cosine_with_warmup(s, warmup, total))
+
+    run = RunLogger.start(uri, experiment_id, f"{settings.head}-seed{settings.seed}", parent_run_id,
+                          tags={"head": settings.head, "seed": str(settings.seed), "backbone": settings.backbone})
+    try:
+        fingerprint = data.data_fingerprint(sheet_path, [stores[s] for s in table.sample_ids])
+        params = {f"train.{k}": v for k, v in asdict(settings).items()}
+        params.update({"head": settings.head, "backbone": settings.backbone, "seed": settings.seed,
+                       "classes": ",".join(classes), "data_fingerprint": fingerprint, "code_version": __version__,
+                       "tiles_train": len(parts["train"]), "tiles_val": len(parts["val"]), "tiles_test": len(parts["test"]),
+                       "class_prior": json.dumps([round(p, 4) for p in prior]), "modality": table.modality,
+                       "parameters": sum(p.numel() for p in model.parameters())})
+        run.params(params)
+        best, best_state, train_images, train_seconds = -1.0, None, 0, 0.0
+        for epoch in range(settings.epochs):
+            model.train()
+            losses = []
+            bar = tqdm(train_loader, desc=f"{settings.head} seed {settings.seed} epoch {epoch + 1}/{settings.epochs}",
+                       disable=not progress, file=sys.stderr, dynamic_ncols=True)
+            t0 = time.perf_counter()
+            for x, y, _ in bar:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if device.type == "cuda":
+                    x = x.to(memory_format=torch.channels_last)
+                with autocast():
+                    out = model(x)
+                loss = loss_fn(out, y)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+                optimiser.step()
+                schedule.step()
+                losses.append(loss.item())
+                train_images += len(x)
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            train_seconds += time.perf_counter() - t0
+            val = predict(model, val_loader, device, autocast)
+            val_metrics = classification_metrics(val["probs"], val["labels"], "val")
+            score = val_metrics.get("val_auroc", val_metrics["val_balanced_accuracy"])
+            run.metrics({"train_loss": float(np.mean(losses)), "lr": schedule.get_last_lr()[0], **val_metrics}, step=epoch)
+            log.info("%s seed %d epoch %d: loss %.4f, val AUROC %s", settings.head, settings.seed, epoch + 1,
+                     np.mean(losses), f"{val_metrics.get('val_auroc', float('nan')):.3f}")
+            if score > best:
+                best = score
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(best_state)
+        test = predict(model, test_loader, device, autocast)
+        final = classification_metrics(test["probs"], test["labels"], "test")
+        final.update(sample_metrics(test["probs"], test["samples"], _sample_labels(parts["test"])))
+        final.update({"best_val_score": best, "train_images_per_s": train_images / max(train_seconds, 1e-9),
+                      "inference_images_per_s": test["images_per_s"], "peak_memory_mb": peak_memory_mb(device),
+                      "parameters": sum(p.numel() for p in model.parameters())})
+        run.metrics(final, step=settings.epochs)
+
+        save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, out_dir / "weights.safetensors")
+        model_config = {"backbone": settings.backbone, "head": settings.head, "num_classes": len(classes),
+                        "in_chans": table.channels, "classes": classes, "head_kwargs": settings.head_kwargs,
+                        "mean": mean, "std": std, "tile_size": table.tile_size, "image_size": size,
+                        "modality": table.modality, "mpp": table.mpp}
+        (out_dir / "model.json").write_text(json.dumps(model_config, indent=2))
+        (out_dir / "metrics.json").write_text(json.dumps(final, indent=2))
+        for path in [out_dir / "weights.safetensors", out_dir / "model.json", out_dir / "metrics.json"]:
+            run.artifact(path, "model" if path.name != "metrics.json" else None)
+        for path in _plots(test, list(classes), out_dir):
+            run.artifact(path, "plots")
+        run.finish()
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    (out_dir / "run_id.txt").write_text(run.run_id + "\n")
+    return {"run_id": run.run_id, **final}
+
+
+def _sample_labels(table) -> np.ndarray:
+    """(len(table.sample_ids),) label of each store's sample, indexed like ``TileDataset``'s sample index."""
+    labels = np.full(len(table.sample_ids), -1, dtype=np.int64)
+    labels[table.store_index] = table.sample_label
+    return labels

@@ -1,0 +1,74 @@
+"""A short real training on tiny demo tiles learns, and its MLflow run holds params, metrics, artifacts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.demo import DemoSettings, generate
+from pipeline.samples import load_sample_sheet
+from pipeline.tiling import TileSettings, tile_source
+from pipeline.tracking import RunLogger, artifact_root, prepare_tracking
+from pipeline.train import TrainSettings, cosine_with_warmup, train
+
+CLASSES = ["negative", "positive"]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    # an easy setting: many witnesses per lesion, so a few epochs from scratch must learn
+    sheet = generate(root / "demo", DemoSettings(slides=8, images=0, slide_width=1536, slide_height=1152,
+                                                  witness_fraction=0.2, lesions=3), progress=False)
+    samples = load_sample_sheet(sheet, CLASSES)
+    stores = {}
+    for s in samples:
+        stores[s.sample_id] = tile_source(s.path, root / "tiles" / f"{s.sample_id}.zarr",
+                                          TileSettings(mpp=1.0, tile_size=64, annotations=str(s.annotations)),
+                                          progress=False).out
+    uri = f"sqlite:///{root}/results/mlflow.db"
+    experiment = prepare_tracking(uri, "gapless-test", artifact_root(root / "results"))
+    return root, sheet, samples, stores, uri, experiment
+
+
+def test_gap_learns_and_the_run_is_in_mlflow(cohort):
+    root, sheet, samples, stores, uri, experiment = cohort
+    parent = RunLogger.start(uri, experiment, "comparison")
+    settings = TrainSettings(head="gap", seed=0, epochs=3, batch_size=32, lr=2e-3, workers=0)
+    metrics = train(samples, stores, CLASSES, settings, root / "gap", uri, experiment, parent.run_id,
+                    sheet_path=sheet, progress=False)
+    parent.finish()
+    assert metrics["test_auroc"] > 0.8  # chance is 0.5
+    for name in ("weights.safetensors", "model.json", "metrics.json", "run_id.txt", "roc.png", "confusion.png"):
+        assert (root / "gap" / name).is_file()
+    assert json.loads((root / "gap" / "metrics.json").read_text())["test_auroc"] == metrics["test_auroc"]
+
+    client = MlflowClient(uri)
+    run = client.get_run(metrics["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.run_id
+    p = run.data.params
+    assert p["head"] == "gap" and p["backbone"] == "resnet10t" and p["seed"] == "0"
+    assert len(p["data_fingerprint"]) == 16 and p["code_version"] and int(p["tiles_train"]) > 0
+    assert len(client.get_metric_history(run.info.run_id, "val_auroc")) == 3
+    for key in ("test_auroc", "test_balanced_accuracy", "test_f1", "test_ece", "test_sample_auroc_mean",
+                "train_images_per_s", "inference_images_per_s", "peak_memory_mb", "parameters"):
+        assert key in run.data.metrics, key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")} | {
+        a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"model/weights.safetensors", "model/model.json", "plots/roc.png", "plots/confusion.png"} <= artifacts
+
+
+def test_saol_trains_through_the_same_path(cohort):
+    root, sheet, samples, stores, uri, experiment = cohort
+    settings = TrainSettings(head="saol", seed=1, epochs=1, batch_size=32, workers=0, steps_per_epoch=4)
+    metrics = train(samples, stores, CLASSES, settings, root / "saol", uri, experiment, progress=False)
+    assert 0.0 <= metrics["test_ece"] <= 1.0 and MlflowClient(uri).get_run(metrics["run_id"]).data.params["head"] == "saol"
+
+
+def test_warmup_then_cosine():
+    assert cosine_with_warmup(0, 10, 100) == pytest.approx(0.1)
+    assert cosine_with_warmup(9, 10, 100) == pytest.approx(1.0)
+    assert cosine_with_warmup(55, 10, 100) == pytest.approx(0.5)
+    assert cosine_with_warmup(100, 10, 100) == pytest.approx(0.0)

@@ -213,7 +213,7 @@ def _init_worker(path: str, kind: str, tiles_path: str, progress_queue=None) -> 
 
     _worker["source"] = open_source(path, kind)
     _worker["tiles"] = zarr.open_array(tiles_path, mode="r+")
-    _worker["progress"] = progress_queue
+    _worker["report"] = progress_queue.put if progress_queue is not None else None
 
 
 def _close_worker() -> None:
@@ -228,7 +228,7 @@ def _cut_shards(starts: Sequence[int], per_shard: int, coords: np.ndarray, level
 
     source: Source = _worker["source"]
     tiles = _worker["tiles"]
-    report = report or _worker.get("progress")
+    report = report or _worker.get("report")
     stats = ChannelStats(source.channels, bins)
     pending = None
     with ThreadPoolExecutor(1) as writer:
@@ -243,7 +243,7 @@ def _cut_shards(starts: Sequence[int], per_shard: int, coords: np.ndarray, level
                 pending.result()
             pending = writer.submit(_write_shard, tiles, start, block)
             if report is not None:
-                report.put(len(block)) if hasattr(report, "put") else report(len(block))
+                report(len(block))
         if pending is not None:
             pending.result()
     return stats

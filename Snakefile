@@ -15,6 +15,7 @@ validate(config, "config/schema.yaml")
 include: "pipeline/workflow/common.smk"
 include: "pipeline/workflow/demo.smk"
 include: "pipeline/workflow/tiling.smk"
+include: "pipeline/workflow/training.smk"
 
 
 rule all:

@@ -32,6 +32,16 @@ def _add_tile_geometry(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", choices=["slide", "image"], default=None, help="reader: slide (OpenSlide) or image (tifffile/Pillow); inferred when absent")
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text[:80]!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object {{...}}, got {text[:80]!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gapless",
@@ -73,6 +83,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("qc", help="one QC row per tile store, as TSV")
     p.add_argument("stores", type=Path, nargs="+")
     p.add_argument("--out", type=Path, required=True, help="output TSV")
+
+    p = sub.add_parser("mlflow-setup", help="create the MLflow backend, experiment and comparison (parent) run once")
+    p.add_argument("--experiment", required=True, help="experiment name")
+    p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///RESULTS/mlflow.db)")
+    p.add_argument("--results", type=Path, default=Path("results"), help="results folder (default results)")
+    p.add_argument("--run-name", default="comparison", help="name of the parent run (default comparison)")
+    p.add_argument("--config", type=_json_object, default=None, help="the resolved config as JSON text, logged as the parent run's params")
+    p.add_argument("--out", type=Path, required=True, help="JSON written with tracking_uri, experiment_id, parent_run_id")
+
+    p = sub.add_parser("train", help="train one head × seed on the tile stores of a sample sheet, tracked in MLflow")
+    p.add_argument("--samples", type=Path, required=True, help="sample sheet (CSV)")
+    p.add_argument("--tiles", type=Path, required=True, help="folder of the tile stores, TILES/{sample_id}.zarr")
+    p.add_argument("--out", type=Path, required=True, help="run folder: weights.safetensors, model.json, metrics.json, run_id.txt, plots")
+    p.add_argument("--classes", nargs="+", default=["negative", "positive"], help="labels in output order (default negative positive)")
+    p.add_argument("--head", default="gap", help="gap | max | cbam | attnpool | saol (default gap)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kind", choices=["slide", "image"], default="slide", help="which samples form the cohort (default slide)")
+    p.add_argument("--backbone", default="resnet10t", help="timm model name (default resnet10t)")
+    p.add_argument("--pretrained", default="false", help="false | true (timm hub) | a local weights file (default false)")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--image-size", type=int, default=None, help="px fed to the model (default: the tile size)")
+    p.add_argument("--steps-per-epoch", type=int, default=None, help="batches per epoch (default: one pass over the training tiles)")
+    p.add_argument("--split", type=float, nargs=3, default=(0.5, 0.25, 0.25), metavar=("TRAIN", "VAL", "TEST"),
+                   help="fractions of groups per split when the sheet has no split column (default 0.5 0.25 0.25)")
+    p.add_argument("--head-kwargs", type=_json_object, default={}, help='the head\'s own options as JSON, e.g. \'{"num_heads": 2}\'')
+    p.add_argument("--threads", type=int, default=2, help="CPU threads: torch threads and data-loader workers (default 2)")
+    p.add_argument("--comparison", type=Path, default=None, help="JSON from `gapless mlflow-setup`: log as a child of its parent run")
+    p.add_argument("--tracking-uri", default=None, help="without --comparison: MLflow URI (default sqlite:///results/mlflow.db)")
+    p.add_argument("--experiment", default="gapless", help="without --comparison: experiment name (default gapless)")
+    p.add_argument("--config", type=_json_object, default=None, help="the pipeline's resolved config as JSON text, logged as config.* params")
 
     p = sub.add_parser("bench", help="measured speed ratios")
     bench = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
@@ -137,7 +182,55 @@ def _run_bench(args) -> None:
         )
 
 
-COMMANDS = {"demo": _run_demo, "tile": _run_tile, "info": _run_info, "qc": _run_qc, "bench": _run_bench}
+def _run_mlflow_setup(args) -> None:
+    from pipeline.tracking import setup_comparison
+
+    info = setup_comparison(args.experiment, args.tracking_uri, args.results, args.run_name, args.config)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(info, indent=2) + "\n")
+    print(f"mlflow: experiment {args.experiment!r} ({info['experiment_id']}) at {info['tracking_uri']}, "
+          f"comparison run {info['parent_run_id']} -> {args.out}")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise GaplessError(path, "file not found", "check the path") from None
+    except json.JSONDecodeError as exc:
+        raise GaplessError(path, f"not valid JSON ({exc})", "pass the JSON file written by the pipeline") from None
+
+
+def _run_train(args) -> None:
+    from pipeline.train import TrainSettings, train_cohort
+
+    pretrained = {"false": False, "true": True}.get(str(args.pretrained).lower(), args.pretrained)
+    settings = TrainSettings(
+        backbone=args.backbone, head=args.head, seed=args.seed, pretrained=pretrained, kind=args.kind,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs, grad_clip=args.grad_clip, image_size=args.image_size,
+        steps_per_epoch=args.steps_per_epoch, split_fractions=tuple(args.split), threads=args.threads,
+        head_kwargs=args.head_kwargs,
+    )
+    if args.comparison:
+        comparison = _read_json(args.comparison)
+        uri, experiment_id, parent = comparison["tracking_uri"], comparison["experiment_id"], comparison["parent_run_id"]
+    else:
+        from pipeline.tracking import artifact_root, prepare_tracking, tracking_uri
+
+        uri = tracking_uri(args.tracking_uri)
+        experiment_id, parent = prepare_tracking(uri, args.experiment, artifact_root()), None
+    t0 = time.perf_counter()
+    metrics = train_cohort(args.samples, args.tiles, args.classes, settings, args.out, uri, experiment_id, parent,
+                           config=args.config, progress=not args.quiet)
+    shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("test_auroc", "test_balanced_accuracy", "test_sample_auroc_max")
+                      if k in metrics)
+    print(f"train: {args.head} seed {args.seed} on {args.kind}s: {shown} in {time.perf_counter() - t0:.0f} s; "
+          f"MLflow run {metrics['run_id']} -> {args.out}")
+
+
+COMMANDS = {"demo": _run_demo, "tile": _run_tile, "info": _run_info, "qc": _run_qc, "mlflow-setup": _run_mlflow_setup,
+            "train": _run_train, "bench": _run_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

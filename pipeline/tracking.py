@@ -124,3 +124,22 @@ class RunLogger:
 
     def finish(self, status: str = "FINISHED") -> None:
         retry_locked(self.client.set_terminated)(self.run_id, status)
+
+
+def setup_comparison(experiment: str, configured_uri: str | None = None, results: str | Path = "results",
+                     run_name: str = "comparison", config: dict | None = None) -> dict:
+    """Create the backend, the experiment and a parent run for one comparison; return their ids.
+
+    The parent run is marked finished at once (its children are linked by tag, and the report logs
+    to it later); its params are the resolved ``config``, flattened.
+    """
+    uri = tracking_uri(configured_uri, results)
+    experiment_id = prepare_tracking(uri, experiment, artifact_root(results))
+    parent = RunLogger.start(uri, experiment_id, run_name, tags={"gapless.role": "comparison"})
+    if config:
+        from pipeline.train import flatten
+
+        parent.params(flatten(config))
+    parent.finish()
+    return {"tracking_uri": uri, "experiment": experiment, "experiment_id": experiment_id,
+            "parent_run_id": parent.run_id}

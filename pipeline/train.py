@@ -42,8 +42,19 @@ class TrainSettings:
     image_size: int | None = None
     steps_per_epoch: int | None = None  # None: one pass over the training tiles
     split_fractions: tuple[float, float, float] = (0.5, 0.25, 0.25)
-    workers: int = 2
+    threads: int | None = None  # CPU threads for torch; None: torch's default
+    workers: int | None = None  # data-loader processes; None: from ``threads`` (see loader_workers)
     head_kwargs: dict = field(default_factory=dict)
+
+
+def loader_workers(threads: int | None, cuda: bool) -> int:
+    """Data-loader processes for a job given ``threads`` cores.
+
+    On CUDA the GPU computes, so every core but one (the main process) loads; on CPU the model
+    needs the cores itself, so half of them load.
+    """
+    threads = threads or 1
+    return max(0, threads - 1) if cuda else threads // 2
 
 
 def set_determinism(seed: int) -> None:
@@ -182,12 +193,56 @@ def _plots(test: dict, classes: list[str], out: Path) -> list[Path]:
     return paths
 
 
+def flatten(config: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} → {"a.b": 1}: a nested config as MLflow params."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (list, dict)) else value
+    return flat
+
+
+def train_cohort(sheet, tiles_dir, classes, settings: "TrainSettings", out_dir, uri: str, experiment_id: str,
+                 parent_run_id: str | None = None, config: dict | None = None, progress: bool = True) -> dict:
+    """``train`` on the samples of a sheet whose stores are ``tiles_dir/{sample_id}.zarr``.
+
+    Samples without a ``kind`` get it from their file; a cohort sample without a store is an error
+    naming the store (tile it first).
+    """
+    from dataclasses import replace as dc_replace
+
+    from pipeline.errors import SampleSheetError
+    from pipeline.io import infer_kind
+    from pipeline.samples import load_sample_sheet
+
+    try:
+        samples = load_sample_sheet(sheet, classes)
+    except SampleSheetError as exc:
+        raise GaplessError(sheet, str(exc).splitlines()[0], "fix the sample sheet") from None
+    samples = [s if s.kind is not None else dc_replace(s, kind=infer_kind(s.path)) for s in samples]
+    stores = {}
+    for s in samples:
+        if s.kind != settings.kind:
+            continue
+        store = Path(tiles_dir) / f"{s.sample_id}.zarr"
+        if not store.is_dir():
+            raise GaplessError(store, f"no tile store for sample {s.sample_id}", f"tile it first: gapless tile {s.path} --out {store}")
+        stores[s.sample_id] = store
+    return train(samples, stores, classes, settings, out_dir, uri, experiment_id, parent_run_id,
+                 sheet_path=sheet, progress=progress, config=config)
+
+
 def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, experiment_id: str,
-          parent_run_id: str | None = None, sheet_path=None, progress: bool = True) -> dict:
+          parent_run_id: str | None = None, sheet_path=None, progress: bool = True, config: dict | None = None) -> dict:
     """Train ``settings.head`` on the tiles of ``samples`` (kind ``settings.kind``); return final metrics.
 
     ``stores``: sample_id → tile store path. Writes ``out_dir/weights.safetensors``, ``model.json``,
-    ``metrics.json`` and ``run_id.txt``, and logs the same to a child run of ``parent_run_id``.
+    ``metrics.json``, ``run_id.txt`` and the plots (``roc.png``, ``confusion.png``, ``test_maps.png``),
+    and logs the same to a child run of ``parent_run_id``; ``config`` (the pipeline's resolved
+    config) is logged as ``config.*`` params beside the run's own settings.
     """
     import torch
     from safetensors.torch import save_file
@@ -200,6 +255,10 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     set_determinism(settings.seed)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    cuda = torch.cuda.is_available()
+    workers = settings.workers if settings.workers is not None else loader_workers(settings.threads, cuda)
     cohort = [s for s in samples if s.kind == settings.kind]
     if not cohort:
         raise GaplessError(sheet_path, f"no samples of kind {settings.kind!r} to train on", "set train.kind to slide or image")
@@ -215,12 +274,12 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, 
         table.modality, is_train, mean, std, image_size=size, tile_size=table.tile_size))
     sampler = data.balanced_sampler(parts["train"], settings.seed,
                                     num_samples=(settings.steps_per_epoch or 0) * settings.batch_size or None)
-    train_loader = data.make_loader(make(parts["train"], True), settings.batch_size, settings.workers,
+    train_loader = data.make_loader(make(parts["train"], True), settings.batch_size, workers,
                                     sampler=sampler, seed=settings.seed, drop_last=True)
-    val_loader = data.make_loader(make(parts["val"], False), settings.batch_size * 2, settings.workers)
-    test_loader = data.make_loader(make(parts["test"], False), settings.batch_size * 2, settings.workers)
+    val_loader = data.make_loader(make(parts["val"], False), settings.batch_size * 2, workers)
+    test_loader = data.make_loader(make(parts["test"], False), settings.batch_size * 2, workers)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if cuda else "cpu")
     prior = (parts["train"].class_counts() / max(1, len(parts["train"]))).tolist()
     model = create_model(settings.backbone, settings.head, len(classes), in_chans=table.channels,
                          pretrained=settings.pretrained, **settings.head_kwargs).to(device)
@@ -243,7 +302,10 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, 
                        "classes": ",".join(classes), "data_fingerprint": fingerprint, "code_version": __version__,
                        "tiles_train": len(parts["train"]), "tiles_val": len(parts["val"]), "tiles_test": len(parts["test"]),
                        "class_prior": json.dumps([round(p, 4) for p in prior]), "modality": table.modality,
-                       "parameters": sum(p.numel() for p in model.parameters())})
+                       "parameters": sum(p.numel() for p in model.parameters()), "device": _device_name(device),
+                       "loader_workers": workers})
+        if config:
+            params.update(flatten(config, "config."))
         run.params(params)
         best, best_state, train_images, train_seconds = -1.0, None, 0, 0.0
         for epoch in range(settings.epochs):
@@ -295,7 +357,10 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, 
         (out_dir / "metrics.json").write_text(json.dumps(final, indent=2))
         for path in [out_dir / "weights.safetensors", out_dir / "model.json", out_dir / "metrics.json"]:
             run.artifact(path, "model" if path.name != "metrics.json" else None)
-        for path in _plots(test, list(classes), out_dir):
+        plots = _plots(test, list(classes), out_dir)
+        plots.append(_test_map_grid(model, parts["test"], test, table.modality, make(parts["test"], False), device,
+                                    autocast, settings, out_dir / "test_maps.png"))
+        for path in plots:
             run.artifact(path, "plots")
         run.finish()
     except BaseException:
@@ -303,6 +368,61 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, 
         raise
     (out_dir / "run_id.txt").write_text(run.run_id + "\n")
     return {"run_id": run.run_id, **final}
+
+
+def _device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _test_map_grid(model, part, test: dict, modality: str, dataset, device, autocast, settings, path: Path,
+                   per_class: int = 6) -> Path:
+    """A PNG grid of test tiles, each beside its positive-class contribution map overlaid.
+
+    The tiles shown: the ``per_class`` most confident of each true class (by the positive
+    probability), so a reader sees what the head scores highest among positives and lowest among
+    negatives; each map is stretched over its own tile (the scale is per tile, as the caption says).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    from PIL import Image
+
+    from pipeline.tissue import resize, to_display_rgb
+
+    labels, positive = test["labels"], test["probs"][:, -1]
+    rows = []
+    for cls in np.unique(labels)[::-1]:
+        idx = np.flatnonzero(labels == cls)
+        rows.extend(idx[np.argsort(-positive[idx] if cls > 0 else positive[idx])[:per_class]].tolist())
+    model.eval()
+    with torch.no_grad(), autocast():
+        x = torch.stack([dataset[i][0] for i in rows]).to(device)
+        maps = model(x).contribution[:, -1].float().cpu().numpy()
+    cols = 4  # two tiles per row of the figure, each as (tile, tile + map)
+    n_rows = math.ceil(len(rows) / (cols // 2))
+    fig, axes = plt.subplots(n_rows, cols, figsize=(cols * 1.8, n_rows * 1.9), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for k, i in enumerate(rows):
+        tile = to_display_rgb(dataset.read_tile(i), modality)
+        m = maps[k]
+        m = (m - m.min()) / max(float(m.max() - m.min()), 1e-12)
+        # nearest: each feature-grid cell shown as the block of the tile it covers
+        big = resize(m.astype(np.float32)[..., None], tile.shape[:2][::-1], Image.Resampling.NEAREST)[..., 0]
+        a, b = axes.ravel()[2 * k], axes.ravel()[2 * k + 1]
+        a.imshow(tile)
+        a.set_title(f"label {labels[i]}, p={positive[i]:.2f}", fontsize=7)
+        b.imshow(tile)
+        b.imshow(big, cmap="inferno", alpha=0.5, vmin=0, vmax=1)
+        b.set_title("contribution", fontsize=7)
+    fig.suptitle(f"{settings.head}: test tiles, positive-class map (per-tile scale)", fontsize=9)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def _sample_labels(table) -> np.ndarray:

@@ -6,6 +6,7 @@ Every run works in a temporary directory (``--directory``), so nothing is left i
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -76,13 +77,17 @@ def sheet_workdir(tmp_path: Path) -> Path:
 def test_default_config_dry_run_plans_demo_tiles_and_qc(tmp_path: Path) -> None:
     result = snakemake(tmp_path, "--configfile", str(DEFAULT_CONFIG), "-n", "--cores", "2")
     assert result.returncode == 0, output(result)
-    demo = yaml.safe_load(DEFAULT_CONFIG.read_text())["demo"]
+    default = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    demo, train = default["demo"], default["train"]
+    runs = len(train["kinds"]) * len(train["heads"]) * len(train["seeds"])
     assert job_counts(result.stdout) == {
         "all": 1,
         "demo": 1,
+        "mlflow_setup": 1,
         "tile": demo["slides"] + demo["images"],
         "tiles_qc": 1,
-        "total": demo["slides"] + demo["images"] + 3,
+        "train": runs,
+        "total": demo["slides"] + demo["images"] + runs + 4,
     }
     assert not (tmp_path / "results").exists()  # a dry run makes nothing
 
@@ -101,7 +106,8 @@ def test_sample_sheet_config_lints_clean_and_plans_no_demo(sheet_workdir: Path) 
 
     result = snakemake(sheet_workdir, "--configfile", config, "-n", "-p", "--cores", "2")
     assert result.returncode == 0, output(result)
-    assert job_counts(result.stdout) == {"all": 1, "tile": 2, "tiles_qc": 1, "total": 4}
+    runs = 2 * 5 * 2  # kinds × heads × seeds of the default config
+    assert job_counts(result.stdout) == {"all": 1, "mlflow_setup": 1, "tile": 2, "tiles_qc": 1, "train": runs, "total": runs + 5}
     shell = result.stdout
     # per-kind grids from the config defaults, the sheet's mpp and annotations as flags
     assert f"gapless tile {sheet_workdir / 'data' / 'a.svs'} --out out/tiles/a.zarr --kind slide --mpp 1.0" in shell
@@ -109,6 +115,12 @@ def test_sample_sheet_config_lints_clean_and_plans_no_demo(sheet_workdir: Path) 
     assert "--out out/tiles/b.zarr --kind image --mpp 0.5" in shell
     assert "gapless qc out/tiles/a.zarr out/tiles/b.zarr --out out/tiles/qc.tsv" in shell
     assert "--allow-empty" not in shell
+    # a training job per kind × head × seed, on the stores of its kind, logged under one comparison
+    assert "gapless mlflow-setup --experiment gapless --results out" in shell
+    assert ("gapless train --samples data/samples.csv --tiles out/tiles --out out/models/slide/saol/seed1"
+            " --kind slide --head saol --seed 1 --classes negative positive --threads 2"
+            " --comparison out/mlflow/comparison.json") in shell
+    assert "--backbone resnet10t --pretrained false --epochs 4" in shell
 
 
 def test_tiling_options_reach_the_command(sheet_workdir: Path) -> None:
@@ -156,7 +168,7 @@ def test_invalid_config_is_refused(sheet_workdir: Path) -> None:
 
 
 TINY_DEMO = {
-    "slides": 2,
+    "slides": 4,
     "images": 2,
     "slide_width": 768,
     "slide_height": 640,
@@ -168,7 +180,7 @@ TINY_DEMO = {
 
 
 @pytest.mark.slow
-def test_real_run_demo_tile_qc(tmp_path: Path) -> None:
+def test_real_run_demo_tile_qc_train(tmp_path: Path) -> None:
     results = tmp_path / "results"
     config = write_config(
         tmp_path / "tiny.yaml",
@@ -179,6 +191,9 @@ def test_real_run_demo_tile_qc(tmp_path: Path) -> None:
                 "slide": {"mpp": 1.0, "tile_size": 64, "stride": 64},
                 "image": {"mpp": 0.5, "tile_size": 64, "stride": 64},
             },
+            "train": {"kinds": ["slide"], "heads": ["gap", "saol"], "seeds": [3], "epochs": 1, "batch_size": 8,
+                      "steps_per_epoch": 2, "threads": 1},
+            "mlflow": {"experiment": "tiny"},
         },
     )
     result = snakemake(tmp_path, "--configfile", str(config), "--cores", "2", timeout=600)
@@ -203,6 +218,25 @@ def test_real_run_demo_tile_qc(tmp_path: Path) -> None:
         assert int(row["tiles"]) > 0 and not row["qc_flag"]
         # the annotations reached the tiler: only positive samples have witness-labelled tiles
         assert (int(row["positive_tiles"]) > 0) == (sample["label"] == "positive"), row
+
+    # one comparison run in MLflow with a child run per head, each holding its metrics and weights
+    from mlflow.tracking import MlflowClient
+
+    comparison = json.loads((results / "mlflow" / "comparison.json").read_text())
+    assert comparison["tracking_uri"] == f"sqlite:///{results}/mlflow.db"
+    client = MlflowClient(comparison["tracking_uri"])
+    parent = client.get_run(comparison["parent_run_id"])
+    assert parent.data.params["train.epochs"] == "1" and parent.info.experiment_id == comparison["experiment_id"]
+    for head in ("gap", "saol"):
+        folder = results / "models" / "slide" / head / "seed3"
+        run = client.get_run((folder / "run_id.txt").read_text().strip())
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.params["head"] == head and run.data.params["config.train.steps_per_epoch"] == "2"
+        assert json.loads((folder / "metrics.json").read_text())["test_ece"] == run.data.metrics["test_ece"]
+        assert {"model/weights.safetensors", "plots/test_maps.png"} <= {
+            a.path for folder_ in ("model", "plots") for a in client.list_artifacts(run.info.run_id, folder_)}
+        assert (results / "logs" / "train" / "slide" / head / "seed3.log").is_file()
 
     # a second run has nothing to do: outputs are complete and newer than inputs
     again = snakemake(tmp_path, "--configfile", str(config), "--cores", "2", "-n")

@@ -1,6 +1,7 @@
 # The samples, known at parse time, and the input functions the rules use.
 # Everything that turns config into paths or command-line options lives here, so the rules stay thin.
 
+import json
 import os
 import shlex
 from dataclasses import replace
@@ -15,8 +16,11 @@ from pipeline.samples import Sample, load_sample_sheet
 RESULTS = config["results"]
 TILES = f"{RESULTS}/tiles"
 LOGS = f"{RESULTS}/logs"
+MODELS = f"{RESULTS}/models"
+COMPARISON = f"{RESULTS}/mlflow/comparison.json"
 DEMO_MODE = not config["samples"]
 DEMO_SHEET = f"{config['demo']['out']}/samples.csv"
+SHEET = DEMO_SHEET if DEMO_MODE else config["samples"]
 
 # Jobs with --sdm conda install this checkout into their environment from here (envs/gapless.yaml).
 os.environ.setdefault("GAPLESS_SOURCE", str(workflow.basedir))
@@ -24,6 +28,9 @@ os.environ.setdefault("GAPLESS_SOURCE", str(workflow.basedir))
 # A sample id names its files, so the wildcard only ever matches a sample id.
 wildcard_constraints:
     sample=r"[A-Za-z0-9._-]+",
+    kind=r"slide|image",
+    head=r"[a-z0-9_]+",
+    seed=r"\d+",
 
 
 def demo_samples():
@@ -71,7 +78,7 @@ SAMPLES = {s.sample_id: s for s in (demo_samples() if DEMO_MODE else sheet_sampl
 
 def final_outputs():
     """What `snakemake` with no target makes."""
-    return [f"{TILES}/qc.tsv"]
+    return [f"{TILES}/qc.tsv", *trained_models()]
 
 
 # demo ---------------------------------------------------------------------------------------------
@@ -130,3 +137,66 @@ def tile_options(wildcards):
 
 def tile_stores(wildcards):
     return [f"{TILES}/{sample_id}.zarr" for sample_id in SAMPLES]
+
+
+# training -----------------------------------------------------------------------------------------
+
+
+def cohorts():
+    """The kinds to train on: those listed in config that have samples."""
+    present = {s.kind for s in SAMPLES.values()}
+    return [kind for kind in config["train"]["kinds"] if kind in present]
+
+
+def trained_models():
+    """Every run's metrics file: kind × head × seed."""
+    return [
+        f"{MODELS}/{kind}/{head}/seed{seed}/metrics.json"
+        for kind in cohorts()
+        for head in config["train"]["heads"]
+        for seed in config["train"]["seeds"]
+    ]
+
+
+def cohort_stores(wildcards):
+    return [f"{TILES}/{s.sample_id}.zarr" for s in SAMPLES.values() if s.kind == wildcards.kind]
+
+
+def run_folder(wildcards, output):
+    return os.path.dirname(output.metrics)
+
+
+def logged_config():
+    """The resolved config that decides what a model is (as JSON, logged as MLflow params).
+
+    Only the sections that shape training, so that changing e.g. heatmap settings reruns no training.
+    """
+    keys = ("samples", "classes", "demo", "tiling", "train")
+    return json.dumps({k: config[k] for k in keys if k in config}, sort_keys=True)
+
+
+def results_folder(wildcards, output):
+    """The results folder, from the comparison file's path (results/mlflow/comparison.json)."""
+    return os.path.dirname(os.path.dirname(output[0]))
+
+
+def mlflow_options(wildcards):
+    uri = config["mlflow"]["tracking_uri"]
+    return shlex.join(["--tracking-uri", uri]) if uri else ""
+
+
+def train_options(wildcards):
+    """The training settings from config as `gapless train` flags, shell-quoted."""
+    t = config["train"]
+    options = [
+        "--backbone", t["backbone"], "--pretrained", str(t["pretrained"]).lower() if isinstance(t["pretrained"], bool) else t["pretrained"],
+        "--epochs", t["epochs"], "--batch-size", t["batch_size"], "--lr", t["lr"], "--weight-decay", t["weight_decay"],
+        "--warmup-epochs", t["warmup_epochs"], "--grad-clip", t["grad_clip"], "--split", *t["split"],
+    ]
+    for key in ("image_size", "steps_per_epoch"):
+        if t.get(key):
+            options += [f"--{key.replace('_', '-')}", t[key]]
+    head_kwargs = t["head_kwargs"].get(wildcards.head)
+    if head_kwargs:
+        options += ["--head-kwargs", json.dumps(head_kwargs)]
+    return shlex.join(str(o) for o in options)

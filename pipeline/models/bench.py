@@ -1,0 +1,359 @@
+"""``gapless bench heads``: training and inference speed of every head on one backbone, and the loader.
+
+Each head is timed the way ``pipeline.train`` runs it on the device: CUDA → bf16 autocast and
+channels_last; anything else → float32. One timed training step is forward + ``train.loss_fn`` +
+backward + gradient clipping + AdamW step on one fixed random batch, after untimed warm-up steps; the
+figure is the median over the timed steps. Deterministic algorithms are switched on for the run (as
+``train.set_determinism`` does) and restored afterwards.
+
+With a tile store the training loader is built as ``pipeline.train`` builds it (tile table,
+normalisation from the store's channel statistics, training augmentation, balanced sampler,
+``make_loader``) and timed alone, without the model; its images/s against each head's training
+images/s is the margin: above 1 the loader can keep that head fed. The two are measured one after
+the other, so on a machine where the loader's workers and the model share the CPU cores the margin
+is an upper bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pipeline.errors import GaplessError
+
+__all__ = ["bench_heads"]
+
+_CLASSES = ["negative", "positive"]
+
+
+def bench_heads(backbone="resnet50", image_size=224, batch_size=64, heads=None, steps=10, warmup=3,
+                device=None, channels=3, store=None, loader_workers=None, loader_batches=20,
+                print_fn=print) -> dict:
+    """Time training steps and inference of each head on ``backbone``; with ``store``, time the loader too.
+
+    heads: head names (default every registered head); ``gap`` is always measured, first, as the
+    reference of the time ratio. device: torch device or its name (default CUDA when available,
+    else CPU). channels: input channels, replaced by the store's when a store is given. store: a tile
+    store path (``*.zarr``) or a list of them. loader_workers: DataLoader workers (default
+    ``os.cpu_count()``). loader_batches: batches timed after the first one (worker start-up excluded).
+
+    Returns a dict: the settings (``backbone``, ``image_size``, ``batch_size``, ``device``,
+    ``device_name``, ``dtype``, ``channels_last``, ``channels``, ``steps``, ``warmup``), ``load_average`` and
+    ``load_average_after`` (1-minute load averages around the run, to judge the figures), ``memory``
+    (what ``peak_memory_mb`` measures), ``loader`` (None without a store, else a dict with
+    ``images_per_s``) and ``rows``, one dict per head: ``head``, ``ms_per_batch``,
+    ``train_images_per_s``, ``ratio_to_gap`` (time per batch / gap's), ``inference_images_per_s``,
+    ``parameters``, ``peak_memory_mb`` (None where not measured) and ``loader_margin`` (loader
+    images/s / training images/s; None without a store).
+    """
+    import torch
+
+    from pipeline.models.heads import HEADS, get_head_class
+
+    names = list(HEADS) if heads is None else ([heads] if isinstance(heads, str) else list(heads))
+    for name in names:
+        get_head_class(name)  # GaplessError naming the choices
+    names = ["gap", *dict.fromkeys(n for n in names if n != "gap")]
+    _check_settings(backbone, image_size, batch_size, steps, warmup, channels, loader_batches, loader_workers)
+    stores = _store_list(store)
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    cuda = dev.type == "cuda"
+    memory, measure_peak = _memory_kind(dev)
+
+    load_before = _load_average()
+    loader, requested_channels = None, channels
+    if stores:
+        workers = (os.cpu_count() or 1) if loader_workers is None else int(loader_workers)
+        loader = _bench_loader(stores, image_size, batch_size, workers, loader_batches)
+        channels = loader["channels"]  # the model takes what the store holds
+
+    result = {
+        "backbone": backbone, "image_size": image_size, "batch_size": batch_size, "device": str(dev),
+        "device_name": _device_name(dev), "dtype": "bfloat16 autocast" if cuda else "float32",
+        "channels_last": cuda, "channels": channels, "steps": steps, "warmup": warmup,
+        "memory": memory, "loader": loader, "rows": [],
+    }
+    print_fn(
+        f"bench heads: {backbone}, {image_size} px, batch {batch_size}, {channels} channel(s)"
+        f"{f' (the store holds {channels}, not {requested_channels})' if channels != requested_channels else ''}, "
+        f"{result['device_name']}, {result['dtype']}{' + channels_last' if cuda else ''}, "
+        f"median of {steps} step(s) after {warmup} warm-up"
+    )
+    if loader is not None:
+        print_fn(
+            f"loader: {loader['tiles']} tiles from {len(loader['stores'])} store(s) ({loader['modality']}, "
+            f"{loader['tile_size']} px tiles → {image_size} px), {loader['workers']} worker(s), "
+            f"{loader['batches']} batches after the first: {loader['images_per_s']:.1f} images/s"
+        )
+    header = (f"{'head':<9} {'ms/batch':>9} {'train img/s':>12} {'time/gap':>9} {'infer img/s':>12} "
+              f"{'params':>9} {'peak MB':>8}")
+    print_fn(header + (f" {'loader/model':>13}" if loader is not None else ""))
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # as train.set_determinism
+    try:
+        with warnings.catch_warnings():
+            # warn_only: ops without a deterministic kernel (and cuBLAS without its workspace setting) warn per call
+            warnings.filterwarnings("ignore", message=".*determinis.*")
+            for name in names:
+                row = _bench_one(backbone, name, dev, channels, image_size, batch_size, steps, warmup, measure_peak)
+                gap_ms = result["rows"][0]["ms_per_batch"] if result["rows"] else row["ms_per_batch"]  # gap comes first
+                row["ratio_to_gap"] = row["ms_per_batch"] / gap_ms
+                row["loader_margin"] = loader["images_per_s"] / row["train_images_per_s"] if loader is not None else None
+                result["rows"].append(row)
+                peak = f"{row['peak_memory_mb']:.0f}" if row["peak_memory_mb"] is not None else "n/a"
+                line = (f"{name:<9} {row['ms_per_batch']:>9.1f} {row['train_images_per_s']:>12.1f} "
+                        f"{row['ratio_to_gap']:>8.2f}x {row['inference_images_per_s']:>12.1f} "
+                        f"{row['parameters'] / 1e6:>8.2f}M {peak:>8}")
+                if loader is not None:
+                    line += f" {row['loader_margin']:>12.2f}x"
+                print_fn(line)
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    print_fn(f"peak MB: {result['memory']}")
+    # 1-minute load averages: before the run (the others' load) and after it, less our own torch threads
+    cores, load_after = os.cpu_count() or 1, _load_average()
+    result["load_average"] = load_before
+    result["load_average_after"] = load_after
+    others = max(load_before, load_after - torch.get_num_threads())
+    if others >= max(1.0, cores / 2):
+        print_fn(f"warning: load average {load_before:.1f} before and {load_after:.1f} after the run on {cores} cores: "
+                 "other processes competed for the CPU, so these times are unreliable")
+    if loader is not None:
+        print_fn("loader/model > 1: the loader keeps up with that head (measured apart; cores shared in training lower it)")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+
+
+def _check_settings(backbone, image_size, batch_size, steps, warmup, channels, loader_batches, loader_workers) -> None:
+    import timm
+
+    if not timm.is_model(backbone):
+        raise GaplessError(None, f"unknown timm backbone {backbone!r}", "pick a name from timm.list_models()")
+    for name, value, least in (("image_size", image_size, 32), ("batch_size", batch_size, 1), ("steps", steps, 1),
+                               ("warmup", warmup, 0), ("channels", channels, 1), ("loader_batches", loader_batches, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise GaplessError(None, f"{name} must be an integer of at least {least}, got {value!r}", f"set {name} to {least} or more")
+    if loader_workers is not None and (isinstance(loader_workers, bool) or not isinstance(loader_workers, int) or loader_workers < 0):
+        raise GaplessError(None, f"loader_workers must be 0 or more, got {loader_workers!r}", "e.g. the number of CPU cores")
+
+
+def _store_list(store) -> list[Path]:
+    """The store(s) as paths, each checked to be a tile store (GaplessError naming the path otherwise)."""
+    from pipeline.tiling import open_store
+
+    if store is None:
+        return []
+    paths = [Path(store)] if isinstance(store, (str, os.PathLike)) else [Path(s) for s in store]
+    if not paths:
+        raise GaplessError(None, "an empty list of tile stores", "pass one or more *.zarr stores, or none")
+    for path in paths:
+        open_store(path)  # "no such tile store; run `gapless tile` first", or not a tile store
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader
+
+
+def _bench_loader(stores: Sequence[Path], image_size: int, batch_size: int, workers: int, batches: int) -> dict:
+    """Images/s of the training loader over ``batches`` batches after the first one."""
+    from pipeline import data
+    from pipeline.samples import Sample
+
+    # Only tile labels matter to the sampler: annotated tiles keep theirs, the others count as negative.
+    samples = [Sample(f"{k:03d}-{p.stem}", p, _CLASSES[0]) for k, p in enumerate(stores)]
+    table = data.build_tile_table(samples, {s.sample_id: s.path for s in samples}, _CLASSES)
+    mean, std = data.channel_normalisation(table)
+    transform = data.build_transforms(table.modality, True, mean, std, image_size=image_size, tile_size=table.tile_size)
+    dataset = data.TileDataset(table, transform)
+    sampler = data.balanced_sampler(table, seed=0, num_samples=(batches + 1) * batch_size)
+    loader = data.make_loader(dataset, batch_size, workers, sampler=sampler, seed=0, drop_last=True)
+    it = iter(loader)
+    try:
+        next(it)  # worker start-up and the first batch are not timed
+        n, t0 = 0, time.perf_counter()
+        for x, _, _ in it:
+            n += len(x)
+        seconds = time.perf_counter() - t0
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)  # persistent workers: stop them before the models run
+        if shutdown is not None:
+            shutdown()
+        del it, loader
+        gc.collect()
+    return {
+        "stores": [str(p) for p in stores], "tiles": len(table), "modality": table.modality,
+        "channels": table.channels, "tile_size": table.tile_size, "dtype": table.dtype.name, "workers": workers,
+        "batches": batches, "images": n, "seconds": seconds, "images_per_s": n / seconds if seconds > 0 else float("nan"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# One head
+
+
+def _bench_one(backbone: str, head: str, dev, channels: int, image_size: int, batch_size: int, steps: int,
+               warmup: int, measure_peak: bool) -> dict:
+    import torch
+
+    from pipeline.models import create_model
+    from pipeline.train import TrainSettings, loss_fn
+
+    cuda = dev.type == "cuda"
+    defaults = TrainSettings()
+    _free(dev)
+    if measure_peak:
+        _reset_peak(dev)
+    torch.manual_seed(0)
+    model = create_model(backbone, head, num_classes=len(_CLASSES), in_chans=channels, pretrained=False).to(dev)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=defaults.lr, weight_decay=defaults.weight_decay)
+    autocast: Callable = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, channels, image_size, image_size, generator=generator).to(dev)
+    y = torch.randint(0, len(_CLASSES), (batch_size,), generator=generator).to(dev)
+    if cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def train_step():
+        with autocast():
+            out = model(x)
+        loss = loss_fn(out, y)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), defaults.grad_clip)
+        optimiser.step()
+
+    def infer_step():
+        with torch.no_grad(), autocast():
+            model(x)
+
+    model.train()
+    train_s = _median_seconds(train_step, steps, warmup, cuda)
+    peak = _read_peak(dev) if measure_peak else None
+    model.eval()
+    infer_s = _median_seconds(infer_step, steps, warmup, cuda)
+    row = {
+        "head": head, "ms_per_batch": train_s * 1e3, "train_images_per_s": batch_size / train_s,
+        "inference_ms_per_batch": infer_s * 1e3, "inference_images_per_s": batch_size / infer_s,
+        "parameters": sum(p.numel() for p in model.parameters()), "peak_memory_mb": peak,
+    }
+    del model, optimiser, x, y
+    _free(dev)
+    return row
+
+
+def _median_seconds(step: Callable[[], None], steps: int, warmup: int, cuda: bool) -> float:
+    import torch
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device name and memory
+
+
+def _load_average() -> float:
+    """The 1-minute load average (0 where the OS has none): above the core count, someone else is busy too."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+
+
+def _device_name(dev) -> str:
+    import torch
+
+    if dev.type == "cuda":
+        return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    if dev.type == "cpu":
+        model = ""
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip() + ", "
+                    break
+        return f"cpu ({model}{os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    return str(dev)
+
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+def _rss_peak_resettable() -> bool:
+    """Linux ≥ 4.0: writing 5 to /proc/self/clear_refs resets the RSS high-water mark (VmHWM)."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return _vm_hwm_mb() is not None
+    except OSError:
+        return False
+
+
+def _vm_hwm_mb() -> float | None:
+    with contextlib.suppress(OSError):
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return None
+
+
+def _memory_kind(dev) -> tuple[str, bool]:
+    """What ``peak_memory_mb`` means on ``dev``, and whether it is measured there at all."""
+    if dev.type == "cuda":
+        return "torch.cuda.max_memory_allocated over the training steps (model, AdamW state, activations)", True
+    if dev.type == "cpu" and _rss_peak_resettable():
+        return ("this process's RSS high-water mark (VmHWM, reset before each head) over the training steps; "
+                "it includes the Python process and its libraries, not only the model"), True
+    return "n/a (no per-head peak-memory counter on this device)", False
+
+
+def _reset_peak(dev) -> None:
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    elif dev.type == "cpu":
+        with contextlib.suppress(OSError):
+            _CLEAR_REFS.write_text("5")
+
+
+def _read_peak(dev) -> float | None:
+    import torch
+
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**20
+    return _vm_hwm_mb()
+
+
+def _free(dev) -> None:
+    import torch
+
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()

@@ -16,6 +16,7 @@ include: "pipeline/workflow/common.smk"
 include: "pipeline/workflow/demo.smk"
 include: "pipeline/workflow/tiling.smk"
 include: "pipeline/workflow/training.smk"
+include: "pipeline/workflow/heatmaps.smk"
 
 
 rule all:

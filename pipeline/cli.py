@@ -119,6 +119,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default="gapless", help="without --comparison: experiment name (default gapless)")
     p.add_argument("--config", type=_json_object, default=None, help="the pipeline's resolved config as JSON text, logged as config.* params")
 
+    p = sub.add_parser("heatmap", help="stitch trained heads' spatial maps onto a slide: OME-Zarr, PNG, overlay, scores")
+    p.add_argument("store", type=Path, help="tile store of the sample (results/tiles/{sample}.zarr)")
+    p.add_argument("--model", type=Path, action="append", required=True, metavar="RUN_DIR",
+                   help="training run folder (weights.safetensors, model.json); repeat for several, each with its --out")
+    p.add_argument("--out", type=Path, action="append", required=True, metavar="DIR",
+                   help="output folder, one per --model, in the same order")
+    p.add_argument("--sample", default=None, help="sample id (default: the store's name)")
+    p.add_argument("--normalisation", default="rank", choices=["rank", "raw", "attention"],
+                   help="rank: per-slide percentile, the same [0, 1] scale for every head (default); raw: the positive "
+                        "class's contribution; attention: the tile probability spread by the head's attention")
+    p.add_argument("--annotations", type=Path, default=None, help="GeoJSON of the positive objects for scoring (default: the one recorded at tiling)")
+    p.add_argument("--positive-class", action="append", default=[], metavar="NAME", help="annotation class that counts as positive (repeatable)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--comparison", type=Path, default=None, help="JSON from `gapless mlflow-setup`: log scores and the PNG to each model's run")
+    p.add_argument("--tracking-uri", default=None, help="without --comparison: MLflow URI of the models' runs (default: no logging)")
+
+    p = sub.add_parser("pyramid", help="Deep Zoom pyramid of a slide or cell image for the viewer")
+    p.add_argument("source", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="output folder (slide.dzi, slide_files/)")
+    p.add_argument("--kind", choices=["slide", "image"], default=None)
+    p.add_argument("--workers", type=int, default=1, help="threads (default 1)")
+
+    p = sub.add_parser("page", help="the static viewer page of one sample: slide, heads' overlays, scores")
+    p.add_argument("sample", help="sample id")
+    p.add_argument("--pyramid", type=Path, required=True, help="folder written by `gapless pyramid`")
+    p.add_argument("--heatmap", type=Path, action="append", required=True, metavar="JSON", help="a head's heatmap JSON (repeat per head)")
+    p.add_argument("--out", type=Path, required=True, help="the page (results/heatmaps/{sample}.html)")
+    p.add_argument("--summary", type=Path, required=True, help="JSON written for `gapless index`")
+    p.add_argument("--annotations", type=Path, default=None, help="GeoJSON outlines to draw (e.g. the witness cells)")
+    p.add_argument("--info", action="append", default=[], metavar="KEY=VALUE", help="shown on the page and the index (repeatable)")
+
+    p = sub.add_parser("index", help="the index page linking every sample page, with each head's scores")
+    p.add_argument("summaries", type=Path, nargs="+", help="summary JSONs written by `gapless page`")
+    p.add_argument("--out", type=Path, required=True, help="results/heatmaps/index.html")
+
     p = sub.add_parser("bench", help="measured speed ratios")
     bench = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
     b = bench.add_parser("tiling", help="the tiler against a bare read-only loop over the same tile grid")
@@ -126,6 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tile_geometry(b)
     b.add_argument("--workers", type=int, default=None, help="also measure with this many processes (default: all cores)")
     b.add_argument("--repeat", type=int, default=1, help="repeat each measurement and keep the fastest")
+    b = bench.add_parser("heads", help="forward+backward time of each head relative to gap, and the data loader against the model")
+    b.add_argument("--backbone", default="resnet50", help="timm backbone (default resnet50)")
+    b.add_argument("--image-size", type=int, default=224, help="input side in px (default 224)")
+    b.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    b.add_argument("--heads", nargs="+", default=None, help="heads to measure (default: all; gap always first)")
+    b.add_argument("--steps", type=int, default=10, help="timed training steps per head (default 10)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    b.add_argument("--channels", type=int, default=3, help="input channels without --store (default 3)")
+    b.add_argument("--store", type=Path, nargs="+", default=None, help="tile store(s): also measure the training data loader on them")
+    b.add_argument("--loader-workers", type=int, default=None, help="data-loader processes (default: all cores)")
+    b.add_argument("--loader-batches", type=int, default=20, help="batches the loader is timed over (default 20)")
+    b.add_argument("--device", default=None, help="cuda | cpu (default: cuda when present)")
     return parser
 
 
@@ -173,6 +220,13 @@ def _run_qc(args) -> None:
 
 
 def _run_bench(args) -> None:
+    if args.bench == "heads":
+        from pipeline.models.bench import bench_heads
+
+        bench_heads(backbone=args.backbone, image_size=args.image_size, batch_size=args.batch_size, heads=args.heads,
+                    steps=args.steps, warmup=args.warmup, device=args.device, channels=args.channels, store=args.store,
+                    loader_workers=args.loader_workers, loader_batches=args.loader_batches)
+        return
     from pipeline.bench import bench_tiling
 
     if args.bench == "tiling":
@@ -229,8 +283,63 @@ def _run_train(args) -> None:
           f"MLflow run {metrics['run_id']} -> {args.out}")
 
 
+def _run_heatmap(args) -> None:
+    from pipeline.heatmap import heatmap_sample
+
+    if len(args.model) != len(args.out):
+        raise GaplessError(None, f"{len(args.model)} --model but {len(args.out)} --out", "give one --out per --model")
+    uri = _read_json(args.comparison)["tracking_uri"] if args.comparison else args.tracking_uri
+    for run_dir, out in zip(args.model, args.out):
+        t0 = time.perf_counter()
+        result = heatmap_sample(args.store, run_dir, out, sample_id=args.sample, normalisation=args.normalisation,
+                                annotations=args.annotations, positive_classes=tuple(args.positive_class),
+                                batch_size=args.batch_size, tracking_uri=uri, progress=not args.quiet)
+        for head, r in result.items():
+            scores = ", ".join(f"{k} {v:.3f}" for k, v in r["scores"].items() if isinstance(v, float))
+            print(f"heatmap: {head} ({run_dir}) on {args.store.name}: {r['tiles']} tiles, {r['canvas'][1]}×{r['canvas'][0]} "
+                  f"cells of {r['cell_size']:.0f} px{'; ' + scores if scores else ''} in {time.perf_counter() - t0:.1f} s -> {r['json']}")
+
+
+def _run_pyramid(args) -> None:
+    from pipeline.viewer import write_slide_pyramid
+
+    t0 = time.perf_counter()
+    out = write_slide_pyramid(args.source, args.out, kind=args.kind, progress=not args.quiet, workers=args.workers)
+    print(f"pyramid: {args.source} -> {out} in {time.perf_counter() - t0:.1f} s")
+
+
+def _run_page(args) -> None:
+    from pipeline.viewer import write_sample_page
+
+    info = {}
+    for item in args.info:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise GaplessError(None, f"--info {item!r} is not KEY=VALUE", "write e.g. --info label=positive")
+        info[key] = value
+    summary = write_sample_page(args.out, args.sample, args.pyramid, args.heatmap, annotations=args.annotations,
+                                info=info or None)
+    args.summary.parent.mkdir(parents=True, exist_ok=True)
+    args.summary.write_text(json.dumps({"sample": args.sample, "page": str(args.out), **summary}, indent=2) + "\n")
+    print(f"page: {args.sample} with {len(args.heatmap)} head(s) -> {args.out}")
+
+
+def _run_index(args) -> None:
+    from pipeline.viewer import write_index
+
+    pages = []
+    for path in args.summaries:
+        summary = _read_json(path)
+        if "sample" not in summary or "page" not in summary:
+            raise GaplessError(path, "not a page summary (no 'sample' or 'page')", "pass the --summary files of `gapless page`")
+        pages.append((summary.pop("sample"), summary.pop("page"), summary))
+    out = write_index(args.out, pages)
+    print(f"index: {len(pages)} samples -> {out}")
+
+
 COMMANDS = {"demo": _run_demo, "tile": _run_tile, "info": _run_info, "qc": _run_qc, "mlflow-setup": _run_mlflow_setup,
-            "train": _run_train, "bench": _run_bench}
+            "train": _run_train, "heatmap": _run_heatmap, "pyramid": _run_pyramid, "page": _run_page,
+            "index": _run_index, "bench": _run_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,14 +80,19 @@ def test_default_config_dry_run_plans_demo_tiles_and_qc(tmp_path: Path) -> None:
     default = yaml.safe_load(DEFAULT_CONFIG.read_text())
     demo, train = default["demo"], default["train"]
     runs = len(train["kinds"]) * len(train["heads"]) * len(train["seeds"])
+    samples = demo["slides"] + demo["images"]
     assert job_counts(result.stdout) == {
         "all": 1,
         "demo": 1,
         "mlflow_setup": 1,
-        "tile": demo["slides"] + demo["images"],
+        "tile": samples,
         "tiles_qc": 1,
         "train": runs,
-        "total": demo["slides"] + demo["images"] + runs + 4,
+        "heatmap": samples * len(train["heads"]),
+        "slide_pyramid": samples,
+        "sample_page": samples,
+        "heatmap_index": 1,
+        "total": samples * (3 + len(train["heads"])) + runs + 5,
     }
     assert not (tmp_path / "results").exists()  # a dry run makes nothing
 
@@ -107,7 +112,9 @@ def test_sample_sheet_config_lints_clean_and_plans_no_demo(sheet_workdir: Path) 
     result = snakemake(sheet_workdir, "--configfile", config, "-n", "-p", "--cores", "2")
     assert result.returncode == 0, output(result)
     runs = 2 * 5 * 2  # kinds × heads × seeds of the default config
-    assert job_counts(result.stdout) == {"all": 1, "mlflow_setup": 1, "tile": 2, "tiles_qc": 1, "train": runs, "total": runs + 5}
+    assert job_counts(result.stdout) == {"all": 1, "mlflow_setup": 1, "tile": 2, "tiles_qc": 1, "train": runs,
+                                         "heatmap": 2 * 5, "slide_pyramid": 2, "sample_page": 2, "heatmap_index": 1,
+                                         "total": runs + 20}
     shell = result.stdout
     # per-kind grids from the config defaults, the sheet's mpp and annotations as flags
     assert f"gapless tile {sheet_workdir / 'data' / 'a.svs'} --out out/tiles/a.zarr --kind slide --mpp 1.0" in shell
@@ -180,7 +187,7 @@ TINY_DEMO = {
 
 
 @pytest.mark.slow
-def test_real_run_demo_tile_qc_train(tmp_path: Path) -> None:
+def test_real_run_demo_tile_qc_train_heatmaps(tmp_path: Path) -> None:
     results = tmp_path / "results"
     config = write_config(
         tmp_path / "tiny.yaml",
@@ -193,6 +200,7 @@ def test_real_run_demo_tile_qc_train(tmp_path: Path) -> None:
             },
             "train": {"kinds": ["slide"], "heads": ["gap", "saol"], "seeds": [3], "epochs": 1, "batch_size": 8,
                       "steps_per_epoch": 2, "threads": 1},
+            "heatmaps": {"batch_size": 16},
             "mlflow": {"experiment": "tiny"},
         },
     )
@@ -237,6 +245,26 @@ def test_real_run_demo_tile_qc_train(tmp_path: Path) -> None:
         assert {"model/weights.safetensors", "plots/test_maps.png"} <= {
             a.path for folder_ in ("model", "plots") for a in client.list_artifacts(run.info.run_id, folder_)}
         assert (results / "logs" / "train" / "slide" / head / "seed3.log").is_file()
+
+    # heatmaps of every slide for each head (fields have no trained model here), scored where the
+    # witnesses are known and logged to the head's run; a viewer page per slide and an index
+    heatmaps = results / "heatmaps"
+    slides = [sid for sid, row in demo_samples.items() if row["kind"] == "slide"]
+    for head in ("gap", "saol"):
+        run = client.get_run((results / "models" / "slide" / head / "seed3" / "run_id.txt").read_text().strip())
+        for sample_id in slides:
+            info = json.loads((heatmaps / head / "seed3" / f"{sample_id}.json").read_text())
+            assert info["head"] == head and info["normalisation"] == "rank" and info["range"] == [0, 1]
+            for suffix in (".png", ".overlay.png", ".ome.zarr"):
+                assert (heatmaps / head / "seed3" / f"{sample_id}{suffix}").exists()
+            if demo_samples[sample_id]["label"] == "positive":
+                assert 0 <= info["scores"]["localisation_auroc"] <= 1
+                assert run.data.metrics[f"heatmap/{sample_id}/localisation_auroc"] == pytest.approx(
+                    info["scores"]["localisation_auroc"])
+    index = (heatmaps / "index.html").read_text()
+    for sample_id in demo_samples:
+        assert (heatmaps / f"{sample_id}.html").is_file() == (sample_id in slides)
+        assert (f'href="{sample_id}.html"' in index) == (sample_id in slides)
 
     # a second run has nothing to do: outputs are complete and newer than inputs
     again = snakemake(tmp_path, "--configfile", str(config), "--cores", "2", "-n")

@@ -17,6 +17,7 @@ RESULTS = config["results"]
 TILES = f"{RESULTS}/tiles"
 LOGS = f"{RESULTS}/logs"
 MODELS = f"{RESULTS}/models"
+HEATMAPS = f"{RESULTS}/heatmaps"
 COMPARISON = f"{RESULTS}/mlflow/comparison.json"
 DEMO_MODE = not config["samples"]
 DEMO_SHEET = f"{config['demo']['out']}/samples.csv"
@@ -78,7 +79,10 @@ SAMPLES = {s.sample_id: s for s in (demo_samples() if DEMO_MODE else sheet_sampl
 
 def final_outputs():
     """What `snakemake` with no target makes."""
-    return [f"{TILES}/qc.tsv", *trained_models()]
+    outputs = [f"{TILES}/qc.tsv", *trained_models()]
+    if mapped_samples():
+        outputs.append(f"{HEATMAPS}/index.html")
+    return outputs
 
 
 # demo ---------------------------------------------------------------------------------------------
@@ -200,3 +204,59 @@ def train_options(wildcards):
     if head_kwargs:
         options += ["--head-kwargs", json.dumps(head_kwargs)]
     return shlex.join(str(o) for o in options)
+
+
+# heatmaps -----------------------------------------------------------------------------------------
+
+
+def mapped_samples():
+    """Samples whose kind has trained models: each gets heatmaps and a viewer page."""
+    kinds = set(cohorts())
+    return [s.sample_id for s in SAMPLES.values() if s.kind in kinds]
+
+
+def heatmap_weights(wildcards):
+    kind = sample_kind(wildcards)
+    return [f"{MODELS}/{kind}/{wildcards.head}/seed{seed}/weights.safetensors" for seed in config["train"]["seeds"]]
+
+
+def heatmap_model_options(wildcards):
+    """`--model RUN --out DIR` per seed: every seed's map is scored; the viewer shows one."""
+    options = []
+    for weights in heatmap_weights(wildcards):
+        seed_folder = os.path.basename(os.path.dirname(weights))
+        options += ["--model", os.path.dirname(weights), "--out", f"{HEATMAPS}/{wildcards.head}/{seed_folder}"]
+    return shlex.join(options)
+
+
+def heatmap_options(wildcards):
+    options = []
+    for name in config["tiling"]["positive_classes"]:
+        options += ["--positive-class", name]
+    return shlex.join(options)
+
+
+def viewer_seed():
+    seed = config["heatmaps"]["seed"]
+    return config["train"]["seeds"][0] if seed is None else seed
+
+
+def page_heatmaps(wildcards):
+    return [f"{HEATMAPS}/{head}/seed{viewer_seed()}/{wildcards.sample}.json" for head in config["train"]["heads"]]
+
+
+def page_options(wildcards):
+    sample = SAMPLES[wildcards.sample]
+    options = []
+    for path in page_heatmaps(wildcards):
+        options += ["--heatmap", path]
+    if sample.annotations is not None:
+        options += ["--annotations", str(sample.annotations)]
+    options += ["--info", f"label={sample.label}", "--info", f"kind={sample.kind}"]
+    if sample.group:
+        options += ["--info", f"group={sample.group}"]
+    return shlex.join(options)
+
+
+def page_summaries(wildcards):
+    return [f"{HEATMAPS}/pages/{sample_id}.json" for sample_id in mapped_samples()]

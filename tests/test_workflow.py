@@ -81,6 +81,7 @@ def test_default_config_dry_run_plans_demo_tiles_and_qc(tmp_path: Path) -> None:
     demo, train = default["demo"], default["train"]
     runs = len(train["kinds"]) * len(train["heads"]) * len(train["seeds"])
     samples = demo["slides"] + demo["images"]
+    mapped = (demo["slides"] if "slide" in train["kinds"] else 0) + (demo["images"] if "image" in train["kinds"] else 0)
     assert job_counts(result.stdout) == {
         "all": 1,
         "demo": 1,
@@ -88,11 +89,11 @@ def test_default_config_dry_run_plans_demo_tiles_and_qc(tmp_path: Path) -> None:
         "tile": samples,
         "tiles_qc": 1,
         "train": runs,
-        "heatmap": samples * len(train["heads"]),
-        "slide_pyramid": samples,
-        "sample_page": samples,
+        "heatmap": mapped * len(train["heads"]),
+        "slide_pyramid": mapped,
+        "sample_page": mapped,
         "heatmap_index": 1,
-        "total": samples * (3 + len(train["heads"])) + runs + 5,
+        "total": samples + mapped * (2 + len(train["heads"])) + runs + 5,
     }
     assert not (tmp_path / "results").exists()  # a dry run makes nothing
 
@@ -111,10 +112,10 @@ def test_sample_sheet_config_lints_clean_and_plans_no_demo(sheet_workdir: Path) 
 
     result = snakemake(sheet_workdir, "--configfile", config, "-n", "-p", "--cores", "2")
     assert result.returncode == 0, output(result)
-    runs = 2 * 5 * 2  # kinds × heads × seeds of the default config
+    runs = 1 * 5 * 2  # kinds × heads × seeds of the default config: slides only
     assert job_counts(result.stdout) == {"all": 1, "mlflow_setup": 1, "tile": 2, "tiles_qc": 1, "train": runs,
-                                         "heatmap": 2 * 5, "slide_pyramid": 2, "sample_page": 2, "heatmap_index": 1,
-                                         "total": runs + 20}
+                                         "heatmap": 1 * 5, "slide_pyramid": 1, "sample_page": 1, "heatmap_index": 1,
+                                         "total": runs + 13}
     shell = result.stdout
     # per-kind grids from the config defaults, the sheet's mpp and annotations as flags
     assert f"gapless tile {sheet_workdir / 'data' / 'a.svs'} --out out/tiles/a.zarr --kind slide --mpp 1.0" in shell

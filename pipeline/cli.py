@@ -154,6 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("summaries", type=Path, nargs="+", help="summary JSONs written by `gapless page`")
     p.add_argument("--out", type=Path, required=True, help="results/heatmaps/index.html")
 
+    p = sub.add_parser("report", help="the comparison from MLflow: means and intervals over seeds, each head against gap")
+    p.add_argument("--comparison", type=Path, default=None, help="JSON from `gapless mlflow-setup` (tracking URI, parent run)")
+    p.add_argument("--tracking-uri", default=None, help="instead of --comparison: the MLflow URI")
+    p.add_argument("--parent-run-id", default=None, help="instead of --comparison: the comparison (parent) run id")
+    p.add_argument("--out", type=Path, default=Path("results/report"), help="output folder (default results/report)")
+    p.add_argument("--heatmap", action="append", default=[], metavar="HEAD=PNG",
+                   help="one slide's heatmap PNG per head, for the side-by-side figure (repeat)")
+    p.add_argument("--setting-key", action="append", default=None, metavar="PARAM",
+                   help="run param that defines a setting (repeat; default train.kind config.demo.witness_fraction "
+                        "config.demo.cell_density)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the report to the comparison run")
+
     p = sub.add_parser("bench", help="measured speed ratios")
     bench = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
     b = bench.add_parser("tiling", help="the tiler against a bare read-only loop over the same tile grid")
@@ -300,6 +312,27 @@ def _run_heatmap(args) -> None:
                   f"cells of {r['cell_size']:.0f} px{'; ' + scores if scores else ''} in {time.perf_counter() - t0:.1f} s -> {r['json']}")
 
 
+def _run_report(args) -> None:
+    from pipeline.report import DEFAULT_SETTING_KEYS, write_report
+
+    uri, parent = args.tracking_uri, args.parent_run_id
+    if args.comparison:
+        info = _read_json(args.comparison)
+        uri, parent = uri or info.get("tracking_uri"), parent or info.get("parent_run_id")
+    if not uri or not parent:
+        raise GaplessError(None, "no tracking URI or comparison run", "pass --comparison, or --tracking-uri and --parent-run-id")
+    pngs = {}
+    for item in args.heatmap:
+        head, sep, png = item.partition("=")
+        if not sep or not head or not png:
+            raise GaplessError(None, f"--heatmap {item!r} is not HEAD=PNG", "e.g. --heatmap gap=results/heatmaps/gap/seed0/S1.png")
+        pngs[head] = png
+    result = write_report(uri, parent, args.out, pngs or None, tuple(args.setting_key or DEFAULT_SETTING_KEYS),
+                          log_mlflow=not args.no_mlflow)
+    print(f"report: {len(result['summary'])} setting × head rows, {len(result['paired'])} paired comparisons, "
+          f"{len(result['skipped'])} skipped runs -> {args.out}")
+
+
 def _run_pyramid(args) -> None:
     from pipeline.viewer import write_slide_pyramid
 
@@ -339,7 +372,7 @@ def _run_index(args) -> None:
 
 COMMANDS = {"demo": _run_demo, "tile": _run_tile, "info": _run_info, "qc": _run_qc, "mlflow-setup": _run_mlflow_setup,
             "train": _run_train, "heatmap": _run_heatmap, "pyramid": _run_pyramid, "page": _run_page,
-            "index": _run_index, "bench": _run_bench}
+            "index": _run_index, "report": _run_report, "bench": _run_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -304,10 +304,14 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, 
                        "class_prior": json.dumps([round(p, 4) for p in prior]), "modality": table.modality,
                        "parameters": sum(p.numel() for p in model.parameters()), "device": _device_name(device),
                        "loader_workers": workers})
+        split_ids = {name: sorted(s for s, v in splits.items() if v == name) for name in ("train", "val", "test")}
+        params.update({f"split.{name}": ",".join(ids) for name, ids in split_ids.items()})
         if config:
             params.update(flatten(config, "config."))
         run.params(params)
-        best, best_state, train_images, train_seconds = -1.0, None, 0, 0.0
+        (out_dir / "split.json").write_text(json.dumps(split_ids, indent=2))
+        run.artifact(out_dir / "split.json")
+        best, best_epoch, best_state, train_images, train_seconds = -1.0, 0, None, 0, 0.0
         for epoch in range(settings.epochs):
             model.train()
             losses = []
@@ -336,14 +340,17 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, 
             run.metrics({"train_loss": float(np.mean(losses)), "lr": schedule.get_last_lr()[0], **val_metrics}, step=epoch)
             log.info("%s seed %d epoch %d: loss %.4f, val AUROC %s", settings.head, settings.seed, epoch + 1,
                      np.mean(losses), f"{val_metrics.get('val_auroc', float('nan')):.3f}")
-            if score > best:
-                best = score
+            # a checkpoint from inside the warm-up is a barely trained model whose validation AUROC on a
+            # few slides can still be high by chance: it is chosen only when no later epoch exists
+            eligible = epoch + 1 > settings.warmup_epochs or epoch == settings.epochs - 1
+            if eligible and score > best:
+                best, best_epoch = score, epoch + 1
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         model.load_state_dict(best_state)
         test = predict(model, test_loader, device, autocast)
         final = classification_metrics(test["probs"], test["labels"], "test")
         final.update(sample_metrics(test["probs"], test["samples"], _sample_labels(parts["test"])))
-        final.update({"best_val_score": best, "train_images_per_s": train_images / max(train_seconds, 1e-9),
+        final.update({"best_val_score": best, "best_epoch": best_epoch, "train_images_per_s": train_images / max(train_seconds, 1e-9),
                       "inference_images_per_s": test["images_per_s"], "peak_memory_mb": peak_memory_mb(device),
                       "parameters": sum(p.numel() for p in model.parameters())})
         run.metrics(final, step=settings.epochs)

@@ -93,7 +93,8 @@ def test_default_config_dry_run_plans_demo_tiles_and_qc(tmp_path: Path) -> None:
         "slide_pyramid": mapped,
         "sample_page": mapped,
         "heatmap_index": 1,
-        "total": samples + mapped * (2 + len(train["heads"])) + runs + 5,
+        "report": 1,
+        "total": samples + mapped * (2 + len(train["heads"])) + runs + 6,
     }
     assert not (tmp_path / "results").exists()  # a dry run makes nothing
 
@@ -115,7 +116,7 @@ def test_sample_sheet_config_lints_clean_and_plans_no_demo(sheet_workdir: Path) 
     runs = 1 * 5 * 2  # kinds × heads × seeds of the default config: slides only
     assert job_counts(result.stdout) == {"all": 1, "mlflow_setup": 1, "tile": 2, "tiles_qc": 1, "train": runs,
                                          "heatmap": 1 * 5, "slide_pyramid": 1, "sample_page": 1, "heatmap_index": 1,
-                                         "total": runs + 13}
+                                         "report": 1, "total": runs + 14}
     shell = result.stdout
     # per-kind grids from the config defaults, the sheet's mpp and annotations as flags
     assert f"gapless tile {sheet_workdir / 'data' / 'a.svs'} --out out/tiles/a.zarr --kind slide --mpp 1.0" in shell
@@ -266,6 +267,14 @@ def test_real_run_demo_tile_qc_train_heatmaps(tmp_path: Path) -> None:
     for sample_id in demo_samples:
         assert (heatmaps / f"{sample_id}.html").is_file() == (sample_id in slides)
         assert (f'href="{sample_id}.html"' in index) == (sample_id in slides)
+
+    # the report, read from MLflow: one row per head (one seed: no interval), logged to the comparison run
+    summary = (results / "report" / "summary.tsv").read_text().splitlines()
+    header = summary[0].split("\t")
+    rows = [dict(zip(header, line.split("\t"))) for line in summary[1:]]
+    assert sorted(r["head"] for r in rows) == ["gap", "saol"] and {r["n_seeds"] for r in rows} == {"1"}
+    assert (results / "report" / "heatmaps_side_by_side.png").stat().st_size > 0
+    assert "report/report.md" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
 
     # a second run has nothing to do: outputs are complete and newer than inputs
     again = snakemake(tmp_path, "--configfile", str(config), "--cores", "2", "-n")

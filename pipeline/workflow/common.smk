@@ -18,6 +18,7 @@ TILES = f"{RESULTS}/tiles"
 LOGS = f"{RESULTS}/logs"
 MODELS = f"{RESULTS}/models"
 HEATMAPS = f"{RESULTS}/heatmaps"
+REPORT = f"{RESULTS}/report"
 COMPARISON = f"{RESULTS}/mlflow/comparison.json"
 DEMO_MODE = not config["samples"]
 DEMO_SHEET = f"{config['demo']['out']}/samples.csv"
@@ -81,7 +82,7 @@ def final_outputs():
     """What `snakemake` with no target makes."""
     outputs = [f"{TILES}/qc.tsv", *trained_models()]
     if mapped_samples():
-        outputs.append(f"{HEATMAPS}/index.html")
+        outputs += [f"{HEATMAPS}/index.html", f"{REPORT}/report.md"]
     return outputs
 
 
@@ -260,3 +261,31 @@ def page_options(wildcards):
 
 def page_summaries(wildcards):
     return [f"{HEATMAPS}/pages/{sample_id}.json" for sample_id in mapped_samples()]
+
+
+# report -------------------------------------------------------------------------------------------
+
+
+def scored_heatmaps():
+    """Every heatmap of every seed: their scores are in MLflow before the report reads it."""
+    return [
+        f"{HEATMAPS}/{head}/seed{seed}/{sample_id}.json"
+        for head in config["train"]["heads"]
+        for seed in config["train"]["seeds"]
+        for sample_id in mapped_samples()
+    ]
+
+
+def report_folder(wildcards, output):
+    return os.path.dirname(output.summary)
+
+
+def report_heatmap_options(wildcards):
+    """One slide's PNG per head for the side-by-side figure: the first positive mapped sample."""
+    mapped = mapped_samples()
+    positives = [s for s in mapped if SAMPLES[s].label == config["classes"][-1]]
+    sample_id = (positives or mapped)[0]
+    options = []
+    for head in config["train"]["heads"]:
+        options += ["--heatmap", f"{head}={HEATMAPS}/{head}/seed{viewer_seed()}/{sample_id}.png"]
+    return shlex.join(options)

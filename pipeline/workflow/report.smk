@@ -1,0 +1,25 @@
+# The comparison: every run of this comparison read back from MLflow (not from loose files),
+# tables with intervals over seeds, each head against gap, plots; logged to the comparison run.
+
+
+rule report:
+    input:
+        comparison=ancient(COMPARISON),
+        metrics=trained_models(),
+        heatmaps=scored_heatmaps(),
+    output:
+        summary=report(f"{REPORT}/summary.tsv", caption="report/summary.rst", category="Comparison"),
+        paired=report(f"{REPORT}/paired.tsv", caption="report/paired.rst", category="Comparison"),
+        runs=f"{REPORT}/runs.tsv",
+        markdown=report(f"{REPORT}/report.md", caption="report/report.rst", category="Comparison"),
+        plot=report(f"{REPORT}/metric_vs_witness_fraction.png", caption="report/metrics.rst", category="Comparison"),
+        heatmaps=report(f"{REPORT}/heatmaps_side_by_side.png", caption="report/heatmaps.rst", category="Heatmaps"),
+    params:
+        out=report_folder,
+        heatmaps=report_heatmap_options,
+    log:
+        f"{LOGS}/report.log",
+    conda:
+        "../../envs/gapless.yaml"
+    shell:
+        "gapless report --comparison {input.comparison:q} --out {params.out:q} {params.heatmaps} > {log:q} 2>&1"

@@ -1,0 +1,299 @@
+"""The comparison report: runs read back from a real SQLite MLflow store, statistics checked against
+scipy computed here, verdicts on constructed cases, skipped runs, outputs and what lands on the parent."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from scipy import stats
+
+from pipeline import cli, report
+from pipeline.errors import GaplessError
+from pipeline.tracking import RunLogger, setup_comparison
+
+SEEDS = (0, 1, 2)
+# tile AUROC per setting × head × seed; saol beats gap by 0.04-0.06 at wf 0.01 and loses by as much at
+# 0.05; cbam is noisy around gap
+GAP = {"0.01": [0.70, 0.74, 0.72], "0.05": [0.80, 0.83, 0.78]}
+DELTA = {
+    ("0.01", "saol"): [0.05, 0.06, 0.04],
+    ("0.01", "cbam"): [0.10, -0.08, 0.01],
+    ("0.05", "saol"): [-0.05, -0.04, -0.06],
+    ("0.05", "cbam"): [0.03, -0.09, 0.02],
+}
+
+
+def tile_auroc(wf: str, head: str, seed: int) -> float:
+    return GAP[wf][seed] + DELTA.get((wf, head), [0.0] * len(SEEDS))[seed]
+
+
+def localisation(wf: str, head: str, seed: int) -> tuple[float, float]:
+    """Two positive samples' localisation AUROCs; the run's score is their mean."""
+    base = {"gap": 0.60, "cbam": 0.62, "saol": 0.75, "max": 0.5}[head] + 0.01 * seed + (0.05 if wf == "0.05" else 0.0)
+    return base - 0.02, base + 0.02
+
+
+def _child(info: dict, head: str, seed: int, wf: str, status: str = "FINISHED", samples: str = "",
+           metrics: dict | None = None) -> str:
+    run = RunLogger.start(info["tracking_uri"], info["experiment_id"], f"{head}-seed{seed}", info["parent_run_id"],
+                          tags={"head": head, "seed": str(seed), "backbone": "resnet10t"})
+    run.params({"head": head, "seed": seed, "backbone": "resnet10t", "train.kind": "slide",
+                "config.demo.witness_fraction": wf, "config.demo.cell_density": 40.0, "config.samples": samples})
+    run.metrics({"val_auroc": 0.5, "train_loss": 1.0}, step=0)
+    final = {"test_auroc": tile_auroc(wf, head, seed), "test_sample_auroc_mean": tile_auroc(wf, head, seed) + 0.1,
+             "test_sample_auroc_max": tile_auroc(wf, head, seed) + 0.05, "parameters": 1000 + len(head),
+             "train_images_per_s": 100.0 + seed, "inference_images_per_s": 300.0, "peak_memory_mb": 500.0 + 10 * seed}
+    final.update(metrics or {})
+    run.metrics({k: v for k, v in final.items() if v is not None}, step=4)
+    a, b = localisation(wf, head, seed)
+    run.metrics({"heatmap/S1/localisation_auroc": a, "heatmap/S1/pointing_game_top1": 1.0,
+                 "heatmap/S1/pointing_game_top5": 0.8, "heatmap/S1/witness_cells": 12,
+                 "heatmap/S2/localisation_auroc": b, "heatmap/S2/pointing_game_top1": 0.0,
+                 "heatmap/S2/pointing_game_top5": 0.4, "heatmap/S2/witness_cells": 7,
+                 # a negative sample: no witnesses, so it must not count (a stray score included)
+                 "heatmap/N1/localisation_auroc": 0.01, "heatmap/N1/witness_cells": 0, "heatmap/N1/tissue_cells": 99})
+    run.finish(status)
+    return run.run_id
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    mp = pytest.MonkeyPatch()
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    info = setup_comparison("gapless-report-test", f"sqlite:///{root}/results/mlflow.db", root / "results")
+    ids = {}
+    for wf in GAP:
+        for head in ("gap", "cbam", "saol"):
+            for seed in SEEDS:
+                # gap seed 1 at 0.01 has a one-class test split: no sample AUROC
+                extra = {"test_sample_auroc_mean": None, "test_sample_auroc_max": None} if (
+                    wf, head, seed) == ("0.01", "gap", 1) else None
+                # cbam seed 2 at 0.05 is run again below: this first run's numbers must not count
+                extra = {"test_auroc": 0.1} if (wf, head, seed) == ("0.05", "cbam", 2) else extra
+                ids[(wf, head, seed)] = _child(info, head, seed, wf, metrics=extra)
+    ids["failed"] = _child(info, "saol", 0, "0.01", status="FAILED")  # a failed attempt beside a finished one
+    ids["single"] = _child(info, "max", 0, "0.01")
+    time.sleep(0.01)
+    ids["stale"] = ids[("0.05", "cbam", 2)]
+    ids[("0.05", "cbam", 2)] = _child(info, "cbam", 2, "0.05")  # the rerun supersedes it
+    pngs = {}
+    for i, head in enumerate(("saol", "gap", "cbam")):
+        pngs[head] = root / "heatmaps" / head / "S1.png"
+        pngs[head].parent.mkdir(parents=True)
+        Image.fromarray(np.full((40, 60, 3), 60 * i, np.uint8)).save(pngs[head])
+    result = report.write_report(info["tracking_uri"], info["parent_run_id"], root / "results" / "report", pngs)
+    yield root, info, ids, result
+    mp.undo()
+
+
+def _row(summary: pd.DataFrame, wf: str, head: str) -> pd.Series:
+    rows = summary[(summary["witness_fraction"] == wf) & (summary["head"] == head)]
+    assert len(rows) == 1
+    return rows.iloc[0]
+
+
+def _scipy_interval(values) -> tuple[float, float, float]:
+    v = np.asarray(values, float)
+    lo, hi = stats.t.interval(0.95, len(v) - 1, loc=v.mean(), scale=stats.sem(v))
+    return float(v.mean()), float(lo), float(hi)
+
+
+def test_means_and_intervals_match_scipy(comparison):
+    _, _, _, result = comparison
+    summary = result["summary"]
+    assert list(summary.columns) == report.summary_columns()
+    assert len(summary) == 2 * 3 + 1  # 2 settings × 3 heads, and max with one seed at 0.01
+    for wf in GAP:
+        for head in ("gap", "cbam", "saol"):
+            r = _row(summary, wf, head)
+            assert (r["kind"], r["cell_density"], r["n_seeds"], r["seeds"]) == ("slide", "40.0", 3, "0,1,2")
+            mean, lo, hi = _scipy_interval([tile_auroc(wf, head, s) for s in SEEDS])
+            assert r["test_auroc_n"] == 3
+            assert r["test_auroc_mean"] == pytest.approx(mean)
+            assert (r["test_auroc_ci_low"], r["test_auroc_ci_high"]) == (pytest.approx(lo), pytest.approx(hi))
+            loc = [np.mean(localisation(wf, head, s)) for s in SEEDS]  # N1 (no witnesses) left out
+            mean, lo, hi = _scipy_interval(loc)
+            assert r["localisation_auroc_mean"] == pytest.approx(mean)
+            assert (r["localisation_auroc_ci_low"], r["localisation_auroc_ci_high"]) == (pytest.approx(lo), pytest.approx(hi))
+            assert r["pointing_game_top1_mean"] == pytest.approx(0.5)
+            assert r["pointing_game_top5_mean"] == pytest.approx(0.6)
+            assert r["pointing_game_top5_ci_low"] == pytest.approx(0.6)  # the same on every seed: zero width
+            assert r["parameters_mean"] == 1000 + len(head)
+            assert r["train_images_per_s_mean"] == pytest.approx(101.0)
+            assert r["peak_memory_mb_mean"] == pytest.approx(510.0)
+    gap = _row(summary, "0.01", "gap")  # seed 1 had no sample AUROC: n = 2 for it, not a made-up value
+    mean, lo, hi = _scipy_interval([tile_auroc("0.01", "gap", s) + 0.1 for s in (0, 2)])
+    assert gap["test_sample_auroc_mean_n"] == 2
+    assert (gap["test_sample_auroc_mean_mean"], gap["test_sample_auroc_mean_ci_low"]) == (pytest.approx(mean), pytest.approx(lo))
+
+
+def test_one_seed_has_an_undefined_interval(comparison):
+    _, _, _, result = comparison
+    r = _row(result["summary"], "0.01", "max")
+    assert r["n_seeds"] == 1 and r["test_auroc_mean"] == pytest.approx(tile_auroc("0.01", "gap", 0) + 0.0)
+    assert math.isnan(r["test_auroc_ci_low"]) and math.isnan(r["test_auroc_ci_high"]) and math.isnan(r["test_auroc_sd"])
+    paired = result["paired"]
+    assert set(paired[paired["head"] == "max"]["verdict"]) == {"n too small"}
+    text = result["paths"]["markdown"].read_text()
+    assert "(n = 1, interval undefined)" in text
+    assert report.t_interval([0.7])["n"] == 1 and math.isnan(report.t_interval([0.7])["ci_low"])
+    assert report.t_interval([])["n"] == 0
+
+
+def test_paired_differences_and_verdicts(comparison):
+    _, _, _, result = comparison
+    paired = result["paired"]
+    assert list(paired.columns) == report.paired_columns()
+    assert set(paired["metric"]) == set(report.PAIRED_METRICS) and "gap" not in set(paired["head"])
+
+    def row(wf, head, metric="test_auroc"):
+        rows = paired[(paired["witness_fraction"] == wf) & (paired["head"] == head) & (paired["metric"] == metric)]
+        assert len(rows) == 1
+        return rows.iloc[0]
+
+    for (wf, head), delta in DELTA.items():
+        r = row(wf, head)
+        mean, lo, hi = _scipy_interval(delta)
+        assert r["n_pairs"] == 3 and r["seeds"] == "0,1,2" and r["baseline"] == "gap"
+        assert (r["mean_diff"], r["ci_low"], r["ci_high"]) == (pytest.approx(mean), pytest.approx(lo), pytest.approx(hi))
+    assert row("0.01", "saol")["verdict"] == "better"
+    assert row("0.05", "saol")["verdict"] == "worse"
+    assert row("0.01", "cbam")["verdict"] == "no evidence of a difference"
+    assert row("0.05", "cbam")["verdict"] == "no evidence of a difference"
+    # sample AUROC: gap seed 1 lacks it at 0.01, so the pairs are seeds 0 and 2 only
+    r = row("0.01", "saol", "test_sample_auroc_mean")
+    mean, lo, hi = _scipy_interval([DELTA[("0.01", "saol")][s] for s in (0, 2)])
+    assert (r["n_pairs"], r["seeds"]) == (2, "0,2")
+    assert (r["mean_diff"], r["ci_low"], r["ci_high"]) == (pytest.approx(mean), pytest.approx(lo), pytest.approx(hi))
+    # localisation: saol is 0.15 above gap on every seed
+    assert row("0.01", "saol", "localisation_auroc")["verdict"] == "better"
+    assert row("0.01", "saol", "localisation_auroc")["mean_diff"] == pytest.approx(0.15)
+    assert report.verdict(1, float("nan"), float("nan")) == "n too small"
+    assert report.verdict(3, -0.01, 0.02) == "no evidence of a difference"
+
+
+def test_skipped_runs_are_reported_not_dropped(comparison):
+    _, _, ids, result = comparison
+    skipped = {r["run_id"]: r["skip_reason"] for r in result["skipped"]}
+    assert skipped == {ids["failed"]: "status FAILED",
+                       ids["stale"]: f"superseded by the later run {ids[('0.05', 'cbam', 2)]}"}
+    runs = pd.read_csv(result["paths"]["runs"], sep="\t", dtype=str)
+    assert len(runs) == 18 + 3 and set(runs["run_id"]) == {v for v in ids.values()}
+    assert runs.set_index("run_id").loc[ids["failed"], "status"] == "FAILED"
+    text = result["paths"]["markdown"].read_text()
+    assert ids["failed"] in text and "status FAILED" in text and ids["stale"] in text
+    # the stale run's 0.1 does not count
+    assert _row(result["summary"], "0.05", "cbam")["test_auroc_mean"] == pytest.approx(
+        np.mean([tile_auroc("0.05", "cbam", s) for s in SEEDS]))
+
+
+def test_files_and_the_markdown(comparison):
+    root, info, _, result = comparison
+    out = root / "results" / "report"
+    for name in ("summary.tsv", "paired.tsv", "runs.tsv", "report.md", "metric_vs_witness_fraction.png",
+                 "heatmaps_side_by_side.png"):
+        assert (out / name).is_file(), name
+    for name in ("metric_vs_witness_fraction.png", "heatmaps_side_by_side.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(out / name) as im:
+            im.verify()
+        with Image.open(out / name) as im:
+            assert im.width > 300 and im.height > 100
+    summary = pd.read_csv(out / "summary.tsv", sep="\t")
+    assert list(summary.columns) == report.summary_columns() and len(summary) == 7
+    assert summary["test_auroc_ci_low"].isna().sum() == 1  # only max, with one seed
+    paired = pd.read_csv(out / "paired.tsv", sep="\t")
+    assert set(paired["verdict"]) <= set(report.VERDICTS)
+    text = (out / "report.md").read_text()
+    assert text.count("### kind slide, witness_fraction") == 2 + 2  # per-setting tables, then paired tables
+    assert "Backed by the numbers: saol is better than gap on tile AUROC" in text
+    assert "Backed by the numbers: saol is worse than gap on tile AUROC" in text
+    assert "no evidence of a difference" in text and "No correction for multiple comparisons" in text
+    assert "single seed" in text
+    assert "![metrics vs witness fraction](metric_vs_witness_fraction.png)" in text
+
+
+def test_the_parent_run_holds_the_report(comparison):
+    _, info, _, result = comparison
+    client = MlflowClient(info["tracking_uri"])
+    parent = info["parent_run_id"]
+    names = {a.path for a in client.list_artifacts(parent, "report")}
+    assert names == {f"report/{n}" for n in ("summary.tsv", "paired.tsv", "runs.tsv", "report.md",
+                                             "metric_vs_witness_fraction.png", "heatmaps_side_by_side.png")}
+    metrics = client.get_run(parent).data.metrics
+    setting = "kind-slide_witness_fraction-0.01_cell_density-40.0"
+    r = _row(result["summary"], "0.01", "saol")
+    assert metrics[f"report/{setting}/saol/test_auroc_mean"] == pytest.approx(r["test_auroc_mean"])
+    assert metrics[f"report/{setting}/saol/test_auroc_ci_low"] == pytest.approx(r["test_auroc_ci_low"])
+    assert metrics[f"report/{setting}/saol/vs_gap/test_auroc_diff"] == pytest.approx(0.05)
+    assert f"report/{setting}/max/test_auroc_ci_low" not in metrics  # undefined, not logged as a number
+    assert metrics[f"report/{setting}/max/test_auroc_n"] == 1
+    assert client.get_run(parent).data.tags["gapless.report"] == "written"
+
+
+def test_no_runs_and_no_finished_runs_are_clear_errors(comparison, tmp_path):
+    root, info, _, _ = comparison
+    uri = info["tracking_uri"]
+    empty = setup_comparison("gapless-report-test", uri, root / "results", run_name="empty")
+    with pytest.raises(GaplessError, match=f"no runs under comparison run {empty['parent_run_id']}") as err:
+        report.write_report(uri, empty["parent_run_id"], tmp_path / "out")
+    assert "\n" not in str(err.value)
+    failed = setup_comparison("gapless-report-test", uri, root / "results", run_name="failed")
+    _child(failed, "gap", 0, "0.01", status="FAILED")
+    with pytest.raises(GaplessError, match=r"none of the 1 runs .* finished \(1 FAILED\)"):
+        report.collect_runs(uri, parent_run_id=failed["parent_run_id"])
+
+
+def test_own_data_has_no_demo_setting_and_the_command_line(comparison, tmp_path):
+    root, info, _, _ = comparison
+    uri = info["tracking_uri"]
+    own = setup_comparison("gapless-report-test", uri, root / "results", run_name="own")
+    for seed in (0, 1):
+        _child(own, "gap", seed, "0.05", samples="cohort.csv")
+        _child(own, "saol", seed, "0.05", samples="cohort.csv")
+    runs = report.collect_runs(uri, parent_run_id=own["parent_run_id"])
+    assert {r["setting"] for r in runs} == {("slide", "n/a", "n/a")}  # demo settings did not make this data
+    comparison_file = tmp_path / "comparison.json"
+    comparison_file.write_text(json.dumps(own))
+    assert cli.main(["report", "--comparison", str(comparison_file), "--out", str(tmp_path / "out"), "--no-mlflow",
+                     "--setting-key", "train.kind"]) == 0
+    summary = pd.read_csv(tmp_path / "out" / "summary.tsv", sep="\t")
+    assert list(summary["head"]) == ["gap", "saol"] and list(summary["kind"]) == ["slide", "slide"]
+    assert (tmp_path / "out" / "metric_vs_witness_fraction.png").is_file()  # no witness fraction: one dot per head
+    assert not MlflowClient(uri).list_artifacts(own["parent_run_id"], "report")
+    assert cli.main(["report", "--comparison", str(tmp_path / "missing.json")]) == 2
+
+
+def test_collecting_pages_through_every_result():
+    from mlflow.store.entities.paged_list import PagedList
+
+    class Client:  # three pages: the search must follow the tokens to the end
+        def __init__(self):
+            self.tokens = []
+
+        def search_runs(self, experiment_ids, filter_string, max_results, order_by, page_token):
+            self.tokens.append(page_token)
+            pages = {None: ([1, 2], "a"), "a": ([3], "b"), "b": ([4], None)}
+            items, token = pages[page_token]
+            return PagedList(items, token)
+
+    client = Client()
+    assert report._search_all(client, ["0"], "") == [1, 2, 3, 4]
+    assert client.tokens == [None, "a", "b"]
+
+
+def test_a_wrong_store_or_run_is_a_clear_error(comparison, tmp_path):
+    _, info, _, _ = comparison
+    with pytest.raises(GaplessError, match="no MLflow database there"):
+        report.collect_runs(f"sqlite:///{tmp_path}/none/mlflow.db", parent_run_id="abc")
+    assert not (tmp_path / "none").exists()  # not created on the way
+    with pytest.raises(GaplessError, match="cannot read the comparison's runs"):
+        report.collect_runs(info["tracking_uri"], parent_run_id="0" * 32)

@@ -47,6 +47,18 @@ class TrainSettings:
     head_kwargs: dict = field(default_factory=dict)
 
 
+def code_version() -> str:
+    """The package version, plus the git commit (and ``-dirty`` with local changes) in a checkout."""
+    import subprocess
+
+    try:
+        described = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=Path(__file__).parent,
+                                   capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{__version__}+{described.stdout.strip()}" if described.returncode == 0 and described.stdout.strip() else __version__
+
+
 def loader_workers(threads: int | None, cuda: bool) -> int:
     """Data-loader processes for a job given ``threads`` cores.
 
@@ -299,7 +311,7 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, 
         fingerprint = data.data_fingerprint(sheet_path, [stores[s] for s in table.sample_ids])
         params = {f"train.{k}": v for k, v in asdict(settings).items()}
         params.update({"head": settings.head, "backbone": settings.backbone, "seed": settings.seed,
-                       "classes": ",".join(classes), "data_fingerprint": fingerprint, "code_version": __version__,
+                       "classes": ",".join(classes), "data_fingerprint": fingerprint, "code_version": code_version(),
                        "tiles_train": len(parts["train"]), "tiles_val": len(parts["val"]), "tiles_test": len(parts["test"]),
                        "class_prior": json.dumps([round(p, 4) for p in prior]), "modality": table.modality,
                        "parameters": sum(p.numel() for p in model.parameters()), "device": _device_name(device),

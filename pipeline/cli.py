@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--witness-fraction", type=float, default=None, help="fraction of witness cells in a positive region")
     p.add_argument("--lesions", type=int, default=None, help="lesion regions per positive slide")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--id-prefix", default="", help="put before every sample id and group in the sheet (several datasets in one run)")
 
     p = sub.add_parser("tile", help="tile a slide or cell image into a zarr store")
     p.add_argument("input", type=Path, help="slide (any OpenSlide format) or cell image (TIFF, OME-TIFF, PNG, JPEG)")
@@ -199,7 +200,7 @@ def _run_demo(args) -> None:
     }
     settings = DemoSettings(**{k: v for k, v in knobs.items() if v is not None})
     t0 = time.perf_counter()
-    sheet = generate(args.out, settings, progress=not args.quiet)
+    sheet = generate(args.out, settings, progress=not args.quiet, id_prefix=args.id_prefix)
     n = settings.slides + settings.images
     print(f"demo: {n} samples ({settings.slides} slides, {settings.images} fields) in {time.perf_counter() - t0:.1f} s; sample sheet {sheet}")
 

@@ -850,12 +850,15 @@ def _generate_one(out: Path, settings: DemoSettings, sample: DemoSample) -> None
     _write_text(out / sample.annotations, _geojson(cells, sample.sample_id, settings.seed, w, h))
 
 
-def generate(out: str | Path, settings: DemoSettings = DemoSettings(), progress: bool = True) -> Path:
+def generate(out: str | Path, settings: DemoSettings = DemoSettings(), progress: bool = True,
+             id_prefix: str = "") -> Path:
     """Render everything into `out`, return the path of `out/samples.csv`.
 
     Files are written under temporary names and renamed into place; ``samples.csv`` is written
     last, so an interrupted run never leaves a sheet that points at missing files.  With
-    ``progress`` a tqdm bar over samples goes to stderr; nothing else is printed.
+    ``progress`` a tqdm bar over samples goes to stderr; nothing else is printed. ``id_prefix``
+    goes before every sample id and group in the sheet (not the file names), so that several demo
+    datasets can share one tile folder and one comparison.
     """
     samples = plan(settings)
     out = Path(out)
@@ -868,7 +871,8 @@ def generate(out: str | Path, settings: DemoSettings = DemoSettings(), progress:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(_CSV_COLUMNS)
     for s in samples:
-        writer.writerow([getattr(s, c) for c in _CSV_COLUMNS])
+        writer.writerow([id_prefix + getattr(s, c) if c in ("sample_id", "group") else getattr(s, c)
+                         for c in _CSV_COLUMNS])
     sheet = out / "samples.csv"
     _write_text(sheet, buf.getvalue())
     return sheet

@@ -311,3 +311,14 @@ def test_bad_settings_raise(change, tmp_path):
     with pytest.raises(GaplessError):
         generate(tmp_path / "x", bad, progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_an_id_prefix_names_the_samples_and_groups_not_the_files(tmp_path):
+
+    sheet = generate(tmp_path, DemoSettings(slides=1, images=1, slide_width=512, slide_height=384, image_size=128),
+                     progress=False, id_prefix="w01-")
+    with open(sheet, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["sample_id"] for r in rows] == ["w01-slide-00", "w01-field-00"]
+    assert [r["group"] for r in rows] == ["w01-patient-00", "w01-plate-00"]
+    assert all((tmp_path / r["path"]).is_file() and "w01" not in r["path"] for r in rows)

@@ -280,3 +280,30 @@ def test_real_run_demo_tile_qc_train_heatmaps(tmp_path: Path) -> None:
     again = snakemake(tmp_path, "--configfile", str(config), "--cores", "2", "-n")
     assert again.returncode == 0, output(again)
     assert "Nothing to be done" in output(again)
+
+
+def test_a_sweep_plans_one_dataset_and_cohort_per_entry(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "sweep.yaml", {
+        "sweep": [{"name": "w20", "witness_fraction": 0.2}, {"name": "w01", "witness_fraction": 0.01, "slides": 4}],
+        "demo": {"images": 0},
+        "train": {"heads": ["gap", "saol"], "seeds": [0, 1]},
+    })
+    result = snakemake(tmp_path, "--configfile", str(DEFAULT_CONFIG), str(config), "-n", "-p", "--cores", "2")
+    assert result.returncode == 0, output(result)
+    counts = job_counts(result.stdout)
+    assert counts["demo_w20"] == counts["demo_w01"] == 1 and "demo" not in counts
+    assert counts["tile"] == 8 + 4 and counts["train"] == 2 * 2 * 2 and counts["heatmap"] == (8 + 4) * 2
+    shell = result.stdout
+    assert "--witness-fraction 0.01 --lesions 2 --seed 0 --id-prefix w01-" in shell
+    assert "gapless tile results/demo/w01/slides/slide-03.tiff --out results/tiles/w01-slide-03.zarr" in shell
+    # each cohort trains on its own dataset's sheet and logs that dataset's settings
+    assert ("gapless train --samples results/demo/w20/samples.csv --tiles results/tiles"
+            " --out results/models/w20-slide/saol/seed1 --kind slide") in shell
+    assert '"dataset": "w01", "demo": {' in shell and '"witness_fraction": 0.01}' in shell
+
+
+def test_the_benchmark_presets_are_valid_configs(tmp_path: Path) -> None:
+    for name in ("benchmark.yaml", "benchmark_gpu.yaml", "gpu.yaml"):
+        result = snakemake(tmp_path, "--configfile", str(DEFAULT_CONFIG), str(REPO / "config" / name), "-n", "--cores", "2")
+        assert result.returncode == 0, name + output(result)
+        assert job_counts(result.stdout)["train"] > 0

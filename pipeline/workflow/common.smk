@@ -21,8 +21,27 @@ HEATMAPS = f"{RESULTS}/heatmaps"
 REPORT = f"{RESULTS}/report"
 COMPARISON = f"{RESULTS}/mlflow/comparison.json"
 DEMO_MODE = not config["samples"]
-DEMO_SHEET = f"{config['demo']['out']}/samples.csv"
-SHEET = DEMO_SHEET if DEMO_MODE else config["samples"]
+
+
+def demo_datasets():
+    """name → demo settings: one unnamed dataset, or one per `sweep` entry (its keys over `demo`)."""
+    base = {key: value for key, value in config["demo"].items() if key != "out"}
+    if not config["sweep"]:
+        return {"": base}
+    return {entry["name"]: {**base, **{k: v for k, v in entry.items() if k != "name"}} for entry in config["sweep"]}
+
+
+DATASETS = demo_datasets() if DEMO_MODE else {"": None}
+
+
+def dataset_folder(name):
+    return config["demo"]["out"] if not name else f"{config['demo']['out']}/{name}"
+
+
+def dataset_sheet(name):
+    """The sample sheet a dataset's samples are read from: the user's, or the demo's."""
+    return f"{dataset_folder(name)}/samples.csv" if DEMO_MODE else config["samples"]
+
 
 # Jobs with --sdm conda install this checkout into their environment from here (envs/gapless.yaml).
 os.environ.setdefault("GAPLESS_SOURCE", str(workflow.basedir))
@@ -31,27 +50,33 @@ os.environ.setdefault("GAPLESS_SOURCE", str(workflow.basedir))
 wildcard_constraints:
     sample=r"[A-Za-z0-9._-]+",
     kind=r"slide|image",
+    cohort=r"(?:[A-Za-z0-9]+-)?(?:slide|image)",
     head=r"[a-z0-9_]+",
     seed=r"\d+",
 
 
 def demo_samples():
-    """The demo's samples as the demo will write them; plan() renders nothing, so this is cheap."""
+    """The demo's samples as the demo will write them; plan() renders nothing, so this is cheap.
+
+    In a sweep each dataset's sample ids (and groups) carry its name, e.g. `w01-slide-00`.
+    """
     from pipeline.demo import DemoSettings, plan
 
-    settings = {key: value for key, value in config["demo"].items() if key != "out"}
-    out = Path(config["demo"]["out"])
-    return [
-        Sample(
-            sample_id=s.sample_id,
-            path=out / s.path,
-            label=s.label,
-            group=s.group,
-            kind=s.kind,
-            annotations=None if s.annotations is None else out / s.annotations,
-        )
-        for s in plan(DemoSettings(**settings))
-    ]
+    samples = {}
+    for name, settings in DATASETS.items():
+        out = Path(dataset_folder(name))
+        prefix = f"{name}-" if name else ""
+        for s in plan(DemoSettings(**settings)):
+            sample = Sample(
+                sample_id=prefix + s.sample_id,
+                path=out / s.path,
+                label=s.label,
+                group=prefix + s.group,
+                kind=s.kind,
+                annotations=None if s.annotations is None else out / s.annotations,
+            )
+            samples[sample.sample_id] = (name, sample)
+    return samples
 
 
 def sheet_samples():
@@ -75,7 +100,9 @@ def sheet_samples():
     return with_kind
 
 
-SAMPLES = {s.sample_id: s for s in (demo_samples() if DEMO_MODE else sheet_samples())}
+_DATASET_SAMPLES = demo_samples() if DEMO_MODE else {s.sample_id: ("", s) for s in sheet_samples()}
+SAMPLES = {sample_id: sample for sample_id, (_, sample) in _DATASET_SAMPLES.items()}
+SAMPLE_DATASET = {sample_id: name for sample_id, (name, _) in _DATASET_SAMPLES.items()}
 
 
 def final_outputs():
@@ -89,10 +116,11 @@ def final_outputs():
 # demo ---------------------------------------------------------------------------------------------
 
 
-def demo_files():
-    """Every file the demo writes, so that tiling a demo sample waits for the demo."""
-    files = {str(s.path) for s in SAMPLES.values()}
-    files |= {str(s.annotations) for s in SAMPLES.values() if s.annotations is not None}
+def demo_files(name):
+    """Every file a demo dataset writes, so that tiling a demo sample waits for its dataset."""
+    samples = [s for sid, s in SAMPLES.items() if SAMPLE_DATASET[sid] == name]
+    files = {str(s.path) for s in samples}
+    files |= {str(s.annotations) for s in samples if s.annotations is not None}
     return sorted(files)
 
 
@@ -147,37 +175,66 @@ def tile_stores(wildcards):
 # training -----------------------------------------------------------------------------------------
 
 
+def cohort_of(sample_id):
+    """A model is trained per cohort: the sample's kind, prefixed by its dataset in a sweep."""
+    name = SAMPLE_DATASET[sample_id]
+    kind = SAMPLES[sample_id].kind
+    return f"{name}-{kind}" if name else kind
+
+
+def split_cohort(cohort):
+    """'w01-slide' → ('w01', 'slide'); 'slide' → ('', 'slide')."""
+    name, _, kind = cohort.rpartition("-")
+    return name, kind
+
+
 def cohorts():
-    """The kinds to train on: those listed in config that have samples."""
-    present = {s.kind for s in SAMPLES.values()}
-    return [kind for kind in config["train"]["kinds"] if kind in present]
+    """The cohorts to train: every dataset × the kinds listed in config that have samples."""
+    present = {cohort_of(sample_id) for sample_id in SAMPLES}
+    return [f"{name}-{kind}" if name else kind for name in DATASETS for kind in config["train"]["kinds"]
+            if (f"{name}-{kind}" if name else kind) in present]
 
 
 def trained_models():
-    """Every run's metrics file: kind × head × seed."""
+    """Every run's metrics file: cohort × head × seed."""
     return [
-        f"{MODELS}/{kind}/{head}/seed{seed}/metrics.json"
-        for kind in cohorts()
+        f"{MODELS}/{cohort}/{head}/seed{seed}/metrics.json"
+        for cohort in cohorts()
         for head in config["train"]["heads"]
         for seed in config["train"]["seeds"]
     ]
 
 
+def cohort_sheet(wildcards):
+    return dataset_sheet(split_cohort(wildcards.cohort)[0])
+
+
+def cohort_kind(wildcards):
+    return split_cohort(wildcards.cohort)[1]
+
+
 def cohort_stores(wildcards):
-    return [f"{TILES}/{s.sample_id}.zarr" for s in SAMPLES.values() if s.kind == wildcards.kind]
+    return [f"{TILES}/{sample_id}.zarr" for sample_id in SAMPLES if cohort_of(sample_id) == wildcards.cohort]
 
 
 def run_folder(wildcards, output):
     return os.path.dirname(output.metrics)
 
 
-def logged_config():
+def logged_config(wildcards=None):
     """The resolved config that decides what a model is (as JSON, logged as MLflow params).
 
     Only the sections that shape training, so that changing e.g. heatmap settings reruns no training.
+    For a cohort of a sweep, `demo` holds that dataset's settings and `dataset` its name.
     """
     keys = ("samples", "classes", "demo", "tiling", "train")
-    return json.dumps({k: config[k] for k in keys if k in config}, sort_keys=True)
+    logged = {k: config[k] for k in keys if k in config}
+    if wildcards is not None and DEMO_MODE:
+        name = split_cohort(wildcards.cohort)[0]
+        logged["demo"] = {**DATASETS[name], "out": dataset_folder(name)}
+        if name:
+            logged["dataset"] = name
+    return json.dumps(logged, sort_keys=True)
 
 
 def results_folder(wildcards, output):
@@ -211,14 +268,14 @@ def train_options(wildcards):
 
 
 def mapped_samples():
-    """Samples whose kind has trained models: each gets heatmaps and a viewer page."""
-    kinds = set(cohorts())
-    return [s.sample_id for s in SAMPLES.values() if s.kind in kinds]
+    """Samples whose cohort has trained models: each gets heatmaps and a viewer page."""
+    trained = set(cohorts())
+    return [sample_id for sample_id in SAMPLES if cohort_of(sample_id) in trained]
 
 
 def heatmap_weights(wildcards):
-    kind = sample_kind(wildcards)
-    return [f"{MODELS}/{kind}/{wildcards.head}/seed{seed}/weights.safetensors" for seed in config["train"]["seeds"]]
+    cohort = cohort_of(wildcards.sample)
+    return [f"{MODELS}/{cohort}/{wildcards.head}/seed{seed}/weights.safetensors" for seed in config["train"]["seeds"]]
 
 
 def heatmap_model_options(wildcards):

@@ -1,32 +1,37 @@
 # The synthetic demo: slides and cell images with known witnesses, and the sample sheet describing them.
 # Only defined when no sample sheet is given, so a user's run can never overwrite it by accident.
+# One rule per dataset: `demo` for the default, `demo_{name}` for each entry of a `sweep`.
 
 if DEMO_MODE:
+    for dataset, settings in DATASETS.items():
 
-    rule demo:
-        output:
-            files=demo_files(),
-            sheet=DEMO_SHEET,
-        params:
-            out=demo_folder,
-            slides=config["demo"]["slides"],
-            images=config["demo"]["images"],
-            slide_width=config["demo"]["slide_width"],
-            slide_height=config["demo"]["slide_height"],
-            slide_mpp=config["demo"]["slide_mpp"],
-            image_size=config["demo"]["image_size"],
-            image_mpp=config["demo"]["image_mpp"],
-            cell_density=config["demo"]["cell_density"],
-            witness_fraction=config["demo"]["witness_fraction"],
-            lesions=config["demo"]["lesions"],
-            seed=config["demo"]["seed"],
-        log:
-            f"{LOGS}/demo.log",
-        conda:
-            "../../envs/gapless.yaml"
-        shell:
-            "gapless demo --out {params.out:q} --slides {params.slides} --images {params.images}"
-            " --slide-width {params.slide_width} --slide-height {params.slide_height}"
-            " --slide-mpp {params.slide_mpp} --image-size {params.image_size} --image-mpp {params.image_mpp}"
-            " --cell-density {params.cell_density} --witness-fraction {params.witness_fraction}"
-            " --lesions {params.lesions} --seed {params.seed} > {log:q} 2>&1"
+        rule:
+            name:
+                f"demo_{dataset}" if dataset else "demo"
+            output:
+                files=demo_files(dataset),
+                sheet=dataset_sheet(dataset),
+            params:
+                out=demo_folder,
+                slides=settings["slides"],
+                images=settings["images"],
+                slide_width=settings["slide_width"],
+                slide_height=settings["slide_height"],
+                slide_mpp=settings["slide_mpp"],
+                image_size=settings["image_size"],
+                image_mpp=settings["image_mpp"],
+                cell_density=settings["cell_density"],
+                witness_fraction=settings["witness_fraction"],
+                lesions=settings["lesions"],
+                seed=settings["seed"],
+                prefix=f"{dataset}-" if dataset else "",
+            log:
+                f"{LOGS}/demo_{dataset}.log" if dataset else f"{LOGS}/demo.log",
+            conda:
+                "../../envs/gapless.yaml"
+            shell:
+                "gapless demo --out {params.out:q} --slides {params.slides} --images {params.images}"
+                " --slide-width {params.slide_width} --slide-height {params.slide_height}"
+                " --slide-mpp {params.slide_mpp} --image-size {params.image_size} --image-mpp {params.image_mpp}"
+                " --cell-density {params.cell_density} --witness-fraction {params.witness_fraction}"
+                " --lesions {params.lesions} --seed {params.seed} --id-prefix {params.prefix:q} > {log:q} 2>&1"

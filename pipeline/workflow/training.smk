@@ -1,5 +1,6 @@
 # Training: the MLflow backend and a comparison (parent) run are made once, then one job per
-# {kind} × {head} × {seed} trains a model on the tile stores of that kind and logs a child run.
+# {cohort} × {head} × {seed} trains a model on the tile stores of that cohort and logs a child run.
+# A cohort is a kind (slide | image), prefixed by the demo dataset in a sweep (w01-slide).
 
 
 rule mlflow_setup:
@@ -21,31 +22,32 @@ rule mlflow_setup:
 
 rule train:
     input:
-        sheet=SHEET,
+        sheet=cohort_sheet,
         stores=cohort_stores,
         # a new comparison run (e.g. the experiment was renamed) does not retrain finished models
         comparison=ancient(COMPARISON),
     output:
-        weights=f"{MODELS}/{{kind}}/{{head}}/seed{{seed}}/weights.safetensors",
-        model=f"{MODELS}/{{kind}}/{{head}}/seed{{seed}}/model.json",
-        metrics=f"{MODELS}/{{kind}}/{{head}}/seed{{seed}}/metrics.json",
-        run_id=f"{MODELS}/{{kind}}/{{head}}/seed{{seed}}/run_id.txt",
+        weights=f"{MODELS}/{{cohort}}/{{head}}/seed{{seed}}/weights.safetensors",
+        model=f"{MODELS}/{{cohort}}/{{head}}/seed{{seed}}/model.json",
+        metrics=f"{MODELS}/{{cohort}}/{{head}}/seed{{seed}}/metrics.json",
+        run_id=f"{MODELS}/{{cohort}}/{{head}}/seed{{seed}}/run_id.txt",
     params:
         out=run_folder,
         tiles=TILES,
         classes=config["classes"],
         options=train_options,
-        config=logged_config(),
+        config=logged_config,
+        kind=cohort_kind,
     threads: config["train"]["threads"]
     resources:
         gpu=1,
         mem_mb=16000,
     log:
-        f"{LOGS}/train/{{kind}}/{{head}}/seed{{seed}}.log",
+        f"{LOGS}/train/{{cohort}}/{{head}}/seed{{seed}}.log",
     conda:
         "../../envs/gapless.yaml"
     shell:
         "gapless train --samples {input.sheet:q} --tiles {params.tiles:q} --out {params.out:q}"
-        " --kind {wildcards.kind} --head {wildcards.head} --seed {wildcards.seed} --classes {params.classes:q}"
+        " --kind {params.kind} --head {wildcards.head} --seed {wildcards.seed} --classes {params.classes:q}"
         " --threads {threads} --comparison {input.comparison:q} --config {params.config:q} {params.options}"
         " > {log:q} 2>&1"

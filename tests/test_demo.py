@@ -314,7 +314,6 @@ def test_bad_settings_raise(change, tmp_path):
 
 
 def test_an_id_prefix_names_the_samples_and_groups_not_the_files(tmp_path):
-
     sheet = generate(tmp_path, DemoSettings(slides=1, images=1, slide_width=512, slide_height=384, image_size=128),
                      progress=False, id_prefix="w01-")
     with open(sheet, newline="") as f:

@@ -34,7 +34,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import uuid
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -45,6 +44,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from pipeline.errors import GaplessError
+from pipeline.files import atomic_write
 
 __all__ = ["DemoSettings", "DemoSample", "plan", "generate"]
 
@@ -701,7 +701,7 @@ def _write_slide(path: Path, rgb: np.ndarray, mpp: float) -> None:
                           compressionargs={"level": 90}, resolution=(res, res),
                           resolutionunit="CENTIMETER", subfiletype=1 if i else 0,
                           metadata=None, description=f"gapless demo slide; level {i}; {mpp} um/px at level 0")
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 # --------------------------------------------------------------------------------------------
@@ -783,7 +783,7 @@ def _write_field(path: Path, data: np.ndarray, mpp: float, sample_id: str, seed:
     def write(tmp: Path) -> None:
         tifffile.imwrite(tmp, data, ome=True, photometric="minisblack", compression="zlib",
                          tile=(_TILE, _TILE) if data.shape[1] >= _TILE else None, metadata=meta)
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 # --------------------------------------------------------------------------------------------
@@ -810,23 +810,13 @@ def _geojson(cells: _Cells, sample_id: str, seed: int, width: int, height: int) 
     return '{"type":"FeatureCollection","features":[' + (f"\n{body}\n" if feats else "") + "]}\n"
 
 
-def _atomic(path: Path, write) -> None:
-    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _write_text(path: Path, text: str) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def _scene(settings: DemoSettings, sample: DemoSample):

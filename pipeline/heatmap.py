@@ -94,6 +94,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import GaplessError
+from pipeline.files import atomic_write
 
 log = logging.getLogger("gapless.heatmap")
 
@@ -642,14 +643,6 @@ def score_heatmap(values: np.ndarray, cell_size: float, annotations, positive_cl
 # Outputs
 
 
-def _atomic_file(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _halve(values: np.ndarray) -> np.ndarray:
@@ -803,7 +796,7 @@ def _figure(path: Path, thumbnail: np.ndarray | None, values: np.ndarray, cell: 
     for i, line in enumerate(caption):
         fig.text(0.5, (caption_h - 0.3 - 0.25 * i) / fig_h, line, ha="center", va="bottom",
                  fontsize=11 if i == 0 else 9, fontweight="bold" if i == 0 else "normal")
-    _atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=_DPI, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=_DPI, format="png"))
 
 
 def write_heatmap(out_dir: str | Path, sample_id: str, head: str, maps: StitchedMaps, values: np.ndarray,
@@ -832,7 +825,7 @@ def write_heatmap(out_dir: str | Path, sample_id: str, head: str, maps: Stitched
     _write_ome_zarr(paths["zarr"], layers, maps.cell, maps.source_mpp, f"{sample_id} {head}", extra)
 
     rgba = overlay_image(values, maps.cell, maps.width, maps.height, value_range, colormap)
-    _atomic_file(paths["overlay"], lambda tmp: Image.fromarray(rgba, "RGBA").save(tmp, format="png"))
+    atomic_write(paths["overlay"], lambda tmp: Image.fromarray(rgba, "RGBA").save(tmp, format="png"))
 
     label = NORMALISATION_LABELS[normalisation]
     if normalisation == "attention":
@@ -860,7 +853,7 @@ def write_heatmap(out_dir: str | Path, sample_id: str, head: str, maps: Stitched
     }
     assert tuple(doc) == JSON_KEYS
     text = json.dumps(doc, allow_nan=False, separators=(",", ":"))
-    _atomic_file(paths["json"], lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+    atomic_write(paths["json"], lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
     return paths
 
 

@@ -178,6 +178,20 @@ def loss_fn(out, y):
     return F.nll_loss(logits, y) if out.scores_are_log_probs else F.cross_entropy(logits, y)
 
 
+def train_step(model, x, y, optimiser, autocast, grad_clip: float):
+    """One optimisation step: forward under ``autocast``, the loss in float32, backward, clip, step."""
+    import torch
+
+    with autocast():
+        out = model(x)
+    loss = loss_fn(out, y)
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimiser.step()
+    return loss
+
+
 def _plots(test: dict, classes: list[str], out: Path) -> list[Path]:
     """ROC curve and confusion matrix of the test split, as PNGs."""
     import matplotlib
@@ -334,13 +348,7 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, 
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if device.type == "cuda":
                     x = x.to(memory_format=torch.channels_last)
-                with autocast():
-                    out = model(x)
-                loss = loss_fn(out, y)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-                optimiser.step()
+                loss = train_step(model, x, y, optimiser, autocast, settings.grad_clip)
                 schedule.step()
                 losses.append(loss.item())
                 train_images += len(x)

@@ -38,6 +38,7 @@ from typing import Iterable, Sequence
 from urllib.parse import quote
 
 from pipeline.errors import GaplessError
+from pipeline.files import atomic_write_text
 
 __all__ = [
     "write_slide_pyramid",
@@ -525,11 +526,19 @@ def _copy_assets(page_dir: Path) -> None:
             os.replace(tmp, target)
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+
+
+def _page_head(title: str, body_class: str) -> str:
+    """The start of a page, up to and including ``<body>``: charset, viewport, title, the stylesheet."""
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)}</title>
+<link rel="stylesheet" href="{ASSETS_DIR}/viewer.css">
+</head>
+<body class="{body_class}">"""
 
 
 def write_sample_page(
@@ -621,15 +630,7 @@ def write_sample_page(
     }
     title = f"{sample_id} — gapless heatmaps"
     keys_heads = f"1&#8211;{len(heads)} pick a head, " if len(heads) > 1 else ""
-    page = f"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{html.escape(title)}</title>
-<link rel="stylesheet" href="{ASSETS_DIR}/viewer.css">
-</head>
-<body class="sample-page">
+    page = _page_head(title, "sample-page") + f"""
 <header class="bar">
   <a class="back" href="{html.escape(data['index'])}" title="All samples">&#8592; all samples</a>
   <h1 id="sample-title">{html.escape(sample_id)}</h1>
@@ -670,7 +671,7 @@ def write_sample_page(
 </html>
 """
     _copy_assets(page_dir)
-    _write_text(out_html, page)
+    atomic_write_text(out_html, page)
     return {
         "heads": {h["head"]: dict(h["scores"]) for h in heads},
         "info": info,
@@ -795,7 +796,7 @@ def write_index(
                 cells.append(f'<td class="num{" best" if is_best else ""}">{_fmt(v)}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
 
-    mean_cells = [f'<th scope="row" title="over the samples that have the score">mean</th>'] + ["<td></td>" for _ in info_cols]
+    mean_cells = ['<th scope="row" title="over the samples that have the score">mean</th>'] + ["<td></td>" for _ in info_cols]
     for h in head_names:
         if not metrics[h]:
             mean_cells.append("<td></td>")
@@ -816,15 +817,7 @@ def write_index(
     )
     if not rows:
         table = '<p class="muted">No samples yet.</p>'
-    page = f"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{html.escape(title)}</title>
-<link rel="stylesheet" href="{ASSETS_DIR}/viewer.css">
-</head>
-<body class="index-page">
+    page = _page_head(title, "index-page") + f"""
 <header class="bar"><h1>{html.escape(title)}</h1><span class="muted">{len(rows)} sample{'s' if len(rows) != 1 else ''}</span></header>
 <main class="index-main">
 <p>Pick a sample to see where each head looked: the slide at deep zoom with every head's heatmap over it,
@@ -838,5 +831,5 @@ metric is in bold; the last row is the mean over the samples that have the score
 </html>
 """
     _copy_assets(index_dir)
-    _write_text(out_html, page)
+    atomic_write_text(out_html, page)
     return out_html

@@ -1,7 +1,7 @@
 """``gapless bench heads``: training and inference speed of every head on one backbone, and the loader.
 
 Each head is timed the way ``pipeline.train`` runs it on the device: CUDA → bf16 autocast and
-channels_last; anything else → float32. One timed training step is forward + ``train.loss_fn`` +
+channels_last; anything else → float32. One timed training step is ``train.train_step``: forward + ``train.loss_fn`` +
 backward + gradient clipping + AdamW step on one fixed random batch, after untimed warm-up steps; the
 figure is the median over the timed steps. Deterministic algorithms are switched on for the run (as
 ``train.set_determinism`` does) and restored afterwards.
@@ -210,7 +210,7 @@ def _bench_one(backbone: str, head: str, dev, channels: int, image_size: int, ba
     import torch
 
     from pipeline.models import create_model
-    from pipeline.train import TrainSettings, loss_fn
+    from pipeline.train import TrainSettings, train_step
 
     cuda = dev.type == "cuda"
     defaults = TrainSettings()
@@ -229,21 +229,15 @@ def _bench_one(backbone: str, head: str, dev, channels: int, image_size: int, ba
     if cuda:
         x = x.contiguous(memory_format=torch.channels_last)
 
-    def train_step():
-        with autocast():
-            out = model(x)
-        loss = loss_fn(out, y)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), defaults.grad_clip)
-        optimiser.step()
+    def step():
+        train_step(model, x, y, optimiser, autocast, defaults.grad_clip)
 
     def infer_step():
         with torch.no_grad(), autocast():
             model(x)
 
     model.train()
-    train_s = _median_seconds(train_step, steps, warmup, cuda)
+    train_s = _median_seconds(step, steps, warmup, cuda)
     peak = _read_peak(dev) if measure_peak else None
     model.eval()
     infer_s = _median_seconds(infer_step, steps, warmup, cuda)

@@ -294,7 +294,7 @@ def test_a_sweep_plans_one_dataset_and_cohort_per_entry(tmp_path: Path) -> None:
     assert counts["demo_w20"] == counts["demo_w01"] == 1 and "demo" not in counts
     assert counts["tile"] == 8 + 4 and counts["train"] == 2 * 2 * 2 and counts["heatmap"] == (8 + 4) * 2
     shell = result.stdout
-    assert "--witness-fraction 0.01 --lesions 2 --seed 0 --id-prefix w01-" in shell
+    assert "--witness-fraction 0.01 --lesions 2 --seed 0 --id-prefix w01- >" in shell
     assert "gapless tile results/demo/w01/slides/slide-03.tiff --out results/tiles/w01-slide-03.zarr" in shell
     # each cohort trains on its own dataset's sheet and logs that dataset's settings
     assert ("gapless train --samples results/demo/w20/samples.csv --tiles results/tiles"

@@ -24,7 +24,7 @@ if DEMO_MODE:
                 witness_fraction=settings["witness_fraction"],
                 lesions=settings["lesions"],
                 seed=settings["seed"],
-                prefix=f"{dataset}-" if dataset else "",
+                prefix=shlex.join(["--id-prefix", f"{dataset}-"]) if dataset else "",
             log:
                 f"{LOGS}/demo_{dataset}.log" if dataset else f"{LOGS}/demo.log",
             conda:
@@ -34,4 +34,4 @@ if DEMO_MODE:
                 " --slide-width {params.slide_width} --slide-height {params.slide_height}"
                 " --slide-mpp {params.slide_mpp} --image-size {params.image_size} --image-mpp {params.image_mpp}"
                 " --cell-density {params.cell_density} --witness-fraction {params.witness_fraction}"
-                " --lesions {params.lesions} --seed {params.seed} --id-prefix {params.prefix:q} > {log:q} 2>&1"
+                " --lesions {params.lesions} --seed {params.seed} {params.prefix} > {log:q} 2>&1"

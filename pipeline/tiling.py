@@ -6,8 +6,9 @@ float32; ``labels`` (N,) int8 (−1 unknown); ``thumbnail`` (h, w, 3) uint8; ``t
 uint8; and attrs describing the geometry so every tile can be found again on the source.
 
 Work is spread over processes, each with its own reader (OpenSlide handles are not shared), each
-writing whole shards (partial-shard writes from several writers lose data in zarr 3). The store is
-written under ``<out>.partial`` and renamed to ``<out>`` only when complete.
+writing whole shards (partial-shard writes from several writers lose data in zarr 3), through zarrs
+(zarr-python's codec pipeline in Rust) when it is installed. The store is written under
+``<out>.partial`` and renamed to ``<out>`` only when complete.
 """
 
 from __future__ import annotations
@@ -19,17 +20,16 @@ import os
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from pipeline import __version__
 from pipeline.errors import GaplessError
 from pipeline.io import Source, open_source
-from pipeline.tissue import TISSUE_METHODS, detect_modality, read_overview, resize, tissue_mask, to_display_rgb
 
 log = logging.getLogger("gapless.tiling")
 
@@ -57,6 +57,8 @@ class TileSettings:
     allow_empty: bool = False  # write an empty store flagged "no tissue" instead of failing
 
     def validate(self, path) -> None:
+        from pipeline.tissue import TISSUE_METHODS
+
         if not (self.mpp > 0 and math.isfinite(self.mpp)):
             raise GaplessError(path, f"--mpp must be a positive number, got {self.mpp}", "e.g. --mpp 0.5")
         if self.tile_size < 8:
@@ -202,18 +204,21 @@ class ChannelStats:
 
 # ---------------------------------------------------------------------------------------------
 # Workers: one reader and one zarr handle per process; each writes whole shards, and writing one
-# shard overlaps reading the next (OpenSlide's reads run in C without the GIL).
+# shard overlaps reading the next (OpenSlide's reads run in C without the GIL). With several
+# workers, this process cuts too, alongside spawned helpers; every process claims the next shard
+# from a shared counter, so the work balances to within a shard however late a helper gets going.
 
 STATS_STEP = 8  # channel statistics from every 8th pixel in y and x: exact histograms of 1/64 of the pixels
 _worker: dict = {}
 
 
-def _init_worker(path: str, kind: str, tiles_path: str, progress_queue=None) -> None:
-    import zarr
+def _init_worker(path: str, kind: str, progress_queue=None, next_shard=None) -> None:
+    import zarr  # noqa: F401  (here, like zarrs below: a helper imports while it waits for work)
 
     _worker["source"] = open_source(path, kind)
-    _worker["tiles"] = zarr.open_array(tiles_path, mode="r+")
     _worker["report"] = progress_queue.put if progress_queue is not None else None
+    _worker["next_shard"] = next_shard
+    _worker["write_config"] = tile_write_config()
 
 
 def _close_worker() -> None:
@@ -221,13 +226,41 @@ def _close_worker() -> None:
     _worker.clear()
 
 
-def _cut_shards(starts: Sequence[int], per_shard: int, coords: np.ndarray, level: int, read_size: int,
-                tile_size: int, bins: int, report=None) -> ChannelStats:
+def _tiles(tiles_path: str):
+    """This process's writer handle on the tile array, opened on first use (helpers start before it exists)."""
+    import zarr
+
+    if "tiles" not in _worker:
+        # the codec pipeline and write_empty_chunks are bound when an array is opened: this handle
+        # gets the fast writer, and the rest of the process keeps zarr's defaults
+        with zarr.config.set(_worker["write_config"]):
+            _worker["tiles"] = zarr.open_array(tiles_path, mode="r+")
+    return _worker["tiles"]
+
+
+def _claimed(n_shards: int, per_shard: int) -> Iterator[int]:
+    """Starts of the shards this process claims, one at a time, from the counter all processes share."""
+    counter = _worker["next_shard"]
+    while True:
+        with counter.get_lock():
+            shard = counter.value
+            counter.value = shard + 1
+        if shard >= n_shards:
+            return
+        yield shard * per_shard
+
+
+def _cut_claimed(tiles_path: str, n_shards: int, per_shard: int, *job) -> ChannelStats:
+    return _cut_shards(tiles_path, _claimed(n_shards, per_shard), per_shard, *job)
+
+
+def _cut_shards(tiles_path: str, starts: Iterable[int], per_shard: int, coords: np.ndarray, level: int,
+                read_size: int, tile_size: int, bins: int, report=None) -> ChannelStats:
     """Read, resize and store the whole shards beginning at ``starts`` (indices into ``coords``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     source: Source = _worker["source"]
-    tiles = _worker["tiles"]
+    tiles = _tiles(tiles_path)
     report = report or _worker.get("report")
     stats = ChannelStats(source.channels, bins)
     pending = None
@@ -252,9 +285,107 @@ def _cut_shards(starts: Sequence[int], per_shard: int, coords: np.ndarray, level
 def _write_shard(tiles, start: int, block: np.ndarray) -> None:
     import zarr
 
-    # encoding a shard's tiles as one batch halves zarr's per-chunk overhead
+    # encoding a shard's tiles as one batch halves the default pipeline's per-chunk overhead
     with zarr.config.set({"codec_pipeline.batch_size": len(block)}):
         tiles[start : start + len(block)] = block
+
+
+class _Helpers:
+    """Spawned processes that cut shards alongside this one, each with its own reader.
+
+    They are started as soon as the grid bounds the number of tiles, before the overview and
+    tissue mask, so that their start-up (imports, opening the reader: about half a second each)
+    overlaps that work instead of the cutting.
+    """
+
+    def __init__(self):
+        self.pool = None
+        self.closing = None
+
+    def start(self, path: Path, kind: str, count: int) -> None:
+        if count < 1:
+            return
+        ctx = multiprocessing.get_context("spawn")  # fresh readers: no OpenSlide handle crosses a fork
+        self.path, self.kind = str(path), kind
+        self.progress = ctx.Queue()
+        self.next_shard = ctx.Value("q", 0)
+        self.pool = ProcessPoolExecutor(count, mp_context=ctx, initializer=_init_worker,
+                                        initargs=(self.path, kind, self.progress, self.next_shard))
+        for _ in range(count):  # a process is spawned per task submitted while none is idle
+            self.pool.submit(int)
+
+    def cut(self, helpers: int, tiles_path: str, n_shards: int, job: tuple, bar) -> ChannelStats:
+        """Cut all ``n_shards`` shards here and in ``helpers`` of the helpers; progress comes back by queue."""
+        import queue
+        import threading
+
+        stop = threading.Event()
+
+        def relay():  # the only thread that touches the bar
+            while not stop.is_set():
+                try:
+                    bar.update(self.progress.get(timeout=0.1))
+                except queue.Empty:
+                    continue
+
+        relay_thread = threading.Thread(target=relay, daemon=True)
+        relay_thread.start()
+        try:
+            futures = [self.pool.submit(_cut_claimed, tiles_path, n_shards, *job) for _ in range(helpers)]
+            _init_worker(self.path, self.kind, self.progress, self.next_shard)
+            try:
+                stats = _cut_claimed(tiles_path, n_shards, *job)
+            finally:
+                _close_worker()
+            for future in futures:
+                stats.merge(future.result())
+            # their work is done: they exit while this process writes the attrs
+            self.closing = threading.Thread(target=self.pool.shutdown, daemon=True)
+            self.closing.start()
+        except BaseException:
+            with self.next_shard.get_lock():  # helpers stop after the shard in hand
+                self.next_shard.value = n_shards
+            raise
+        finally:
+            stop.set()
+            relay_thread.join()
+            while not self.progress.empty():
+                bar.update(self.progress.get())
+        return stats
+
+    def close(self) -> None:
+        if self.closing is not None:
+            self.closing.join()
+        elif self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool = self.closing = None
+
+
+def tile_write_config() -> dict:
+    """zarr settings for the handle that writes tiles: 3× to 7× less CPU per tile than the defaults.
+
+    ``write_empty_chunks``: zarr otherwise compares every chunk with the fill value before encoding
+    it (more costly than Blosc itself); a tile that is all zeros is then stored as a few bytes
+    instead of being left out, and reads back the same. zarrs (zarr-python's codec pipeline in
+    Rust) encodes a whole shard in one call instead of one Python task per tile; its shards are
+    plain zarr v3, read back by the default pipeline. Without it the default pipeline is used.
+    """
+    settings: dict = {"array.write_empty_chunks": True}
+    try:
+        import zarrs  # noqa: F401
+    except ImportError:  # optional: the default pipeline writes the same stores, only slower
+        log.debug("zarrs is not installed: tiles are written by zarr's default codec pipeline")
+    else:
+        settings["codec_pipeline.path"] = "zarrs.ZarrsCodecPipeline"
+    return settings
+
+
+def resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """:func:`pipeline.tissue.resize`, imported on first use: pipeline.tissue loads scipy, a third of a
+    helper's start-up, which a helper that never resamples (nor a reader of stores) need not pay."""
+    from pipeline.tissue import resize as tissue_resize
+
+    return tissue_resize(pixels, size)
 
 
 def _histogram_bins(dtype: np.dtype) -> int:
@@ -272,7 +403,7 @@ MIN_TILES_PER_WORKER = 512  # starting a reader process costs about a second: sm
 
 
 def effective_workers(requested: int, n_tiles: int) -> int:
-    """Processes worth starting: no more than the cores, nor than ``n_tiles / MIN_TILES_PER_WORKER``."""
+    """Processes worth cutting with, this one included: no more than the cores, nor than ``n_tiles / MIN_TILES_PER_WORKER``."""
     return max(1, min(requested, os.cpu_count() or 1, n_tiles // MIN_TILES_PER_WORKER))
 
 
@@ -314,6 +445,8 @@ def tile_source(
     """Tile ``path`` into the zarr store ``out``; see the module docstring for the layout."""
     import zarr
 
+    from pipeline.tissue import detect_modality, read_overview, tissue_mask, to_display_rgb
+
     start_time = time.perf_counter()
     path, out = Path(path), Path(out)
     settings.validate(path)
@@ -329,66 +462,69 @@ def tile_source(
 
         annotations = load_annotations(settings.annotations)  # fail on bad annotations before any work
 
-    with open_source(path, settings.kind) as source:
-        source_mpp, mpp_source = source.resolve_mpp(settings.slide_mpp)
-        grid = plan_grid(source, source_mpp, settings.mpp, settings.tile_size, settings.stride)
-        if grid.columns == 0 or grid.rows == 0:
-            raise GaplessError(
-                path,
-                f"smaller than one tile: {source.dimensions[0]}×{source.dimensions[1]} px at {source_mpp:.3g} µm/px "
-                f"cannot hold a {settings.tile_size}-px tile at {settings.mpp:.3g} µm/px",
-                "use a smaller --tile-size or a coarser --mpp",
-            )
-        W, H = source.dimensions
-        # One overview read serves both the tissue mask (~16 px per tile) and the thumbnail (≤ 1024 px).
-        mask_ds = max(1.0, grid.extent / MASK_PX_PER_TILE, max(W, H) / MASK_MAX_SIDE)
-        thumb_ds = max(1.0, max(W, H) / THUMBNAIL_MAX_SIDE)
-        overview, overview_ds = read_overview(source, min(mask_ds, thumb_ds))
-        modality = detect_modality(overview) if settings.tissue in ("auto", "none") else settings.tissue
-        method = modality if settings.tissue == "auto" else settings.tissue
-        mask_src, mask_px = _shrink(overview, overview_ds, mask_ds, (W, H))
-        mask = tissue_mask(mask_src, method, px_size_um=source_mpp * mask_px[0])
-        all_coords = grid.coords()
-        all_fractions = tissue_fractions(mask, mask_px, all_coords, grid.extent)
-        keep = all_fractions >= settings.min_tissue if settings.min_tissue > 0 else np.ones(len(all_coords), bool)
-        coords, fractions = all_coords[keep], all_fractions[keep]
-        n = len(coords)
-        qc_flag = None
-        if n == 0:
-            cause = (
-                f"no tissue found: 0 of {len(all_coords)} tiles have at least {settings.min_tissue:.0%} tissue "
-                f"({method} mask covers {mask.mean():.1%} of the image)"
-            )
-            if not settings.allow_empty:
-                raise GaplessError(
-                    path, cause,
-                    "check the image, lower --min-tissue, set --tissue brightfield|fluorescence|none, "
-                    "or pass --allow-empty to keep a flagged empty store",
-                )
-            log.warning("%s: %s; writing an empty store flagged 'no tissue'", path, cause)
-            qc_flag = "no tissue"
-
-        labels = np.full(n, -1, dtype=np.int8)
-        if annotations is not None:
-            from pipeline.annotations import tile_labels
-
-            labels = tile_labels(annotations, coords, grid.extent, settings.positive_classes, (W, H))
-
-        thumb_src, thumb_px = _shrink(overview, overview_ds, thumb_ds, (W, H))
-        thumbnail = to_display_rgb(thumb_src, modality)
-        channels, dtype = source.channels, source.dtype
-        attrs_source = dict(format=source.format, kind=source.kind, channel_names=list(source.channel_names))
-
-    T = settings.tile_size
-    tile_bytes = T * T * channels * dtype.itemsize
-    workers = effective_workers(workers, n)
-    per_shard = shard_tiles(n, tile_bytes, workers)
-    bins = _histogram_bins(dtype)
-    stats = ChannelStats(channels, bins)
-
+    helpers = _Helpers()  # none unless the grid has work for more than one process
     try:
+        with open_source(path, settings.kind) as source:
+            source_mpp, mpp_source = source.resolve_mpp(settings.slide_mpp)
+            grid = plan_grid(source, source_mpp, settings.mpp, settings.tile_size, settings.stride)
+            if grid.columns == 0 or grid.rows == 0:
+                raise GaplessError(
+                    path,
+                    f"smaller than one tile: {source.dimensions[0]}×{source.dimensions[1]} px at {source_mpp:.3g} µm/px "
+                    f"cannot hold a {settings.tile_size}-px tile at {settings.mpp:.3g} µm/px",
+                    "use a smaller --tile-size or a coarser --mpp",
+                )
+            # helpers start now: their start-up overlaps the overview and tissue mask below
+            helpers.start(path, source.kind, effective_workers(workers, grid.columns * grid.rows) - 1)
+            W, H = source.dimensions
+            # One overview read serves both the tissue mask (~16 px per tile) and the thumbnail (≤ 1024 px).
+            mask_ds = max(1.0, grid.extent / MASK_PX_PER_TILE, max(W, H) / MASK_MAX_SIDE)
+            thumb_ds = max(1.0, max(W, H) / THUMBNAIL_MAX_SIDE)
+            overview, overview_ds = read_overview(source, min(mask_ds, thumb_ds))
+            modality = detect_modality(overview) if settings.tissue in ("auto", "none") else settings.tissue
+            method = modality if settings.tissue == "auto" else settings.tissue
+            mask_src, mask_px = _shrink(overview, overview_ds, mask_ds, (W, H))
+            mask = tissue_mask(mask_src, method, px_size_um=source_mpp * mask_px[0])
+            all_coords = grid.coords()
+            all_fractions = tissue_fractions(mask, mask_px, all_coords, grid.extent)
+            keep = all_fractions >= settings.min_tissue if settings.min_tissue > 0 else np.ones(len(all_coords), bool)
+            coords, fractions = all_coords[keep], all_fractions[keep]
+            n = len(coords)
+            qc_flag = None
+            if n == 0:
+                cause = (
+                    f"no tissue found: 0 of {len(all_coords)} tiles have at least {settings.min_tissue:.0%} tissue "
+                    f"({method} mask covers {mask.mean():.1%} of the image)"
+                )
+                if not settings.allow_empty:
+                    raise GaplessError(
+                        path, cause,
+                        "check the image, lower --min-tissue, set --tissue brightfield|fluorescence|none, "
+                        "or pass --allow-empty to keep a flagged empty store",
+                    )
+                log.warning("%s: %s; writing an empty store flagged 'no tissue'", path, cause)
+                qc_flag = "no tissue"
+
+            labels = np.full(n, -1, dtype=np.int8)
+            if annotations is not None:
+                from pipeline.annotations import tile_labels
+
+                labels = tile_labels(annotations, coords, grid.extent, settings.positive_classes, (W, H))
+
+            thumb_src, thumb_px = _shrink(overview, overview_ds, thumb_ds, (W, H))
+            thumbnail = to_display_rgb(thumb_src, modality)
+            channels, dtype = source.channels, source.dtype
+            attrs_source = dict(format=source.format, kind=source.kind, channel_names=list(source.channel_names))
+
+        T = settings.tile_size
+        tile_bytes = T * T * channels * dtype.itemsize
+        workers = effective_workers(workers, n)
+        per_shard = shard_tiles(n, tile_bytes, workers)
+        bins = _histogram_bins(dtype)
+        stats = ChannelStats(channels, bins)
+
         root = zarr.open_group(partial, mode="w", zarr_format=3)
-        tiles = root.create_array(
+        root.create_array(  # filled shard by shard by the cutting processes, each with its own handle
             "tiles", shape=(n, T, T, channels), chunks=(1, T, T, channels), shards=(per_shard, T, T, channels),
             dtype=dtype, fill_value=0, compressors=tile_codecs(dtype), dimension_names=["tile", "y", "x", "c"],
         )
@@ -398,17 +534,18 @@ def tile_source(
         root.create_array("thumbnail", data=thumbnail, chunks=thumbnail.shape, dimension_names=["y", "x", "rgb"])
         root.create_array("tissue_mask", data=mask.astype(np.uint8), chunks=mask.shape, dimension_names=["y", "x"])
 
-        shard_starts = list(range(0, n, per_shard))
+        n_shards = math.ceil(n / per_shard)
         bar = _progress(n, f"tiling {path.name}", progress)
         job = (per_shard, coords, grid.level, grid.read_size, T, bins)
-        if workers == 1 or len(shard_starts) == 1:
-            _init_worker(str(path), attrs_source["kind"], str(partial / "tiles"))
+        tiles_path = str(partial / "tiles")
+        if workers == 1 or n_shards == 1:
+            _init_worker(str(path), attrs_source["kind"])
             try:
-                stats.merge(_cut_shards(shard_starts, *job, report=bar.update))
+                stats.merge(_cut_shards(tiles_path, range(0, n, per_shard), *job, report=bar.update))
             finally:
                 _close_worker()
         else:
-            stats.merge(_cut_in_parallel(path, attrs_source["kind"], partial / "tiles", shard_starts, job, workers, bar))
+            stats.merge(helpers.cut(workers - 1, tiles_path, n_shards, job, bar))
         bar.close()
 
         seconds = time.perf_counter() - start_time
@@ -454,44 +591,11 @@ def tile_source(
             shutil.rmtree(out)
         os.replace(partial, out)
     except BaseException:
+        helpers.close()  # before the clean-up: no helper may still be writing
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    helpers.close()
     return TileResult(out, n, seconds, attrs)
-
-
-def _cut_in_parallel(path, kind, tiles_path, shard_starts, job, workers, bar) -> ChannelStats:
-    """Split the shards into runs of consecutive shards, a few per worker; progress comes back by queue."""
-    import queue
-    import threading
-
-    ctx = multiprocessing.get_context("spawn")  # fresh readers: no OpenSlide handle crosses a fork
-    progress_queue = ctx.Queue()
-    stop = threading.Event()
-
-    def relay():
-        while not stop.is_set():
-            try:
-                bar.update(progress_queue.get(timeout=0.1))
-            except queue.Empty:
-                continue
-
-    relay_thread = threading.Thread(target=relay, daemon=True)
-    relay_thread.start()
-    runs = [list(r) for r in np.array_split(np.asarray(shard_starts), min(len(shard_starts), 2 * workers)) if len(r)]
-    try:
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(str(path), kind, str(tiles_path), progress_queue)) as pool:
-            futures = [pool.submit(_cut_shards, [int(s) for s in run], *job) for run in runs]
-            results = [f.result() for f in as_completed(futures)]
-    finally:
-        stop.set()
-        relay_thread.join()
-        while not progress_queue.empty():
-            bar.update(progress_queue.get())
-    stats = results[0]
-    for other in results[1:]:
-        stats.merge(other)
-    return stats
 
 
 def _shrink(image: np.ndarray, image_ds: tuple[float, float], ds: float, size: tuple[int, int]):

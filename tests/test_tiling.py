@@ -111,6 +111,52 @@ def test_parallel_workers_write_the_same_store(tmp_path, monkeypatch):
     assert a.attrs["channel_stats"] == b.attrs["channel_stats"]
 
 
+def test_fast_tile_writer_matches_zarrs_default_writer(tmp_path, monkeypatch):
+    """Tiles are written through zarrs (when installed), every chunk stored; zarr's default pipeline reads
+    them back exactly as its own writer would have stored them, all-zero tiles included."""
+    import pipeline.tiling as tiling
+
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 60000, size=(2, 96, 160)).astype(np.uint16)
+    data[:, :, :64] = 0  # whole tiles equal to the fill value
+    path = tmp_path / "half.ome.tif"
+    tifffile.imwrite(path, data, ome=True, metadata={"axes": "CYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    settings = TileSettings(mpp=0.5, tile_size=16, min_tissue=0.0, tissue="none")
+    config_before = zarr.config.get("codec_pipeline.path"), zarr.config.get("array.write_empty_chunks")
+    fast = tile_source(path, tmp_path / "fast.zarr", settings, progress=False)
+    assert (zarr.config.get("codec_pipeline.path"), zarr.config.get("array.write_empty_chunks")) == config_before
+    monkeypatch.setattr(tiling, "tile_write_config", lambda: {})  # zarr's defaults for the writer too
+    plain = tile_source(path, tmp_path / "plain.zarr", settings, progress=False)
+
+    a, b = zarr.open_array(fast.out / "tiles", mode="r"), zarr.open_array(plain.out / "tiles", mode="r")
+    assert a.metadata == b.metadata and a.shards == b.shards and a.shards[0] > 1
+    tiles, coords = a[:], zarr.open_array(fast.out / "coords", mode="r")[:]
+    np.testing.assert_array_equal(tiles, b[:])
+    assert (tiles.reshape(len(tiles), -1) == 0).all(1).sum() == 6 * 4  # the zero columns: 4 tiles × 6 rows
+    for i in range(len(tiles)):
+        x, y = coords[i]
+        np.testing.assert_array_equal(np.moveaxis(tiles[i], -1, 0), data[:, y : y + 16, x : x + 16])
+
+
+def test_a_failure_in_one_process_stops_the_others_and_leaves_nothing(tmp_path, monkeypatch):
+    import pipeline.tiling as tiling
+
+    monkeypatch.setattr(tiling, "MIN_TILES_PER_WORKER", 64)
+    calls = {"n": 0}
+    real = tiling.resize
+
+    def failing(*a, **kw):  # patched here only: this process cuts shards alongside a spawned helper
+        calls["n"] += 1
+        if calls["n"] == 100:
+            raise GaplessError(CMU, "simulated read failure")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tiling, "resize", failing)
+    with pytest.raises(GaplessError, match="simulated"):
+        tile_source(CMU, tmp_path / "c.zarr", TileSettings(mpp=1.0, tile_size=32, min_tissue=0.0), workers=2, progress=False)
+    assert calls["n"] == 100 and list(tmp_path.iterdir()) == []
+
+
 def test_small_jobs_do_not_start_more_processes_than_they_pay_for():
     from pipeline.tiling import MIN_TILES_PER_WORKER, effective_workers
 

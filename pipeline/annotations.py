@@ -87,13 +87,13 @@ def tile_labels(
     positives = annotations.positive(positive_classes)
     if not positives or len(coords) == 0:
         return labels
-    if bounds is not None and not any(g.intersects(box(0, 0, bounds[0], bounds[1])) for g in positives):
+    tree = STRtree(positives)
+    if bounds is not None and not len(tree.query(box(0, 0, bounds[0], bounds[1]), predicate="intersects")):
         warnings.warn(
             f"{annotations.path}: no positive object lies inside the image ({bounds[0]}×{bounds[1]} px); "
             "are the coordinates in level-0 pixels?",
             stacklevel=2,
         )
-    tree = STRtree(positives)
     x = coords[:, 0].astype(float)
     y = coords[:, 1].astype(float)
     tiles = box(x, y, x + extent, y + extent)

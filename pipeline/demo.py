@@ -39,10 +39,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-from scipy import ndimage
-from scipy.spatial import cKDTree
 
+# scipy and Pillow are imported by the functions that render: Snakemake imports this module for
+# plan() when it parses the workflow, and they would more than double that import's time.
 from pipeline.errors import GaplessError
 from pipeline.files import atomic_write
 
@@ -191,6 +190,8 @@ def _seeds(settings: DemoSettings, sample: DemoSample) -> tuple[np.random.Genera
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
     """Gaussian random field (zero mean, unit std, float32) with correlation length ``sigma`` px."""
+    from scipy import ndimage
+
     n = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma, mode="wrap")
     n -= n.mean()
     n /= max(float(n.std()), 1e-12)
@@ -199,6 +200,8 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float
 
 def _resize(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Bicubic resize of a float32 map to ``shape`` (rows, cols); pixel areas are aligned."""
+    from PIL import Image
+
     img = Image.fromarray(np.ascontiguousarray(a, dtype=np.float32))
     return np.asarray(img.resize((shape[1], shape[0]), Image.Resampling.BICUBIC), dtype=np.float32)
 
@@ -271,6 +274,8 @@ def _scatter(rng: np.random.Generator, width_um: float, height_um: float, densit
     ``dmin_um`` the one with the larger random mark is removed.  The survivors' intensity is
     ``(1 - exp(-λ0 π d²)) / (π d²)``; callers thin further to their target density.
     """
+    from scipy.spatial import cKDTree
+
     lam0 = 4.0 * density_max
     n = int(rng.poisson(lam0 * width_um * height_um))
     pts = rng.uniform((0.0, 0.0), (width_um, height_um), size=(n, 2))
@@ -327,6 +332,8 @@ def _make_witnesses(rng: np.random.Generator, cells: _Cells, idx: np.ndarray, mp
                     grow: tuple[float, float], stain: float, irregular: float,
                     nucleolus: float) -> _Cells:
     """Turn cells ``idx`` into witnesses and drop ordinary neighbours that would overlap them."""
+    from scipy.spatial import cKDTree
+
     n = len(idx)
     if n == 0:
         return cells
@@ -502,6 +509,8 @@ def _slide_scene(settings: DemoSettings, sample: DemoSample, rng: np.random.Gene
     radius, 1.25x the hematoxylin, about twice as irregular an outline, a thicker nuclear envelope
     and a nucleolus.
     """
+    from scipy import ndimage
+
     H, W, mpp = settings.slide_height, settings.slide_width, settings.slide_mpp
     # ---- tissue: a union of a few distorted elliptical fragments, thresholded at ~40-60 % cover
     step = 8
@@ -606,6 +615,8 @@ def _slide_scene(settings: DemoSettings, sample: DemoSample, rng: np.random.Gene
 
 def _fibre_field(rng: np.random.Generator, shape: tuple[int, int], scale_px: float) -> np.ndarray:
     """Wavy fibre ridges (0..1, float32): zero crossings of elongated noise at two orientations."""
+    from scipy import ndimage
+
     step = max(1.0, scale_px / 2.0)
     small = (max(8, math.ceil(shape[0] / step)), max(8, math.ceil(shape[1] / step)))
     angle = rng.uniform(0.0, 180.0)
@@ -737,6 +748,8 @@ def _field_scene(settings: DemoSettings, sample: DemoSample, rng: np.random.Gene
 
 def _render_field(settings: DemoSettings, cells: _Cells, rng: np.random.Generator) -> np.ndarray:
     """(2, H, W) uint16: channel 0 DNA stain, channel 1 marker, camera counts with offset ~100."""
+    from scipy import ndimage
+
     n, mpp = settings.image_size, settings.image_mpp
     shape = (n, n)
     dna = np.zeros(shape, np.float32)

@@ -28,12 +28,13 @@ _PLACEHOLDER_DPI = (72.0, 96.0, 150.0, 300.0, 600.0)
 _MPP_FIX = "pass --slide-mpp (µm/px at full resolution) or set `mpp` in the sample sheet"
 
 
-def _placeholder_dpi(mpp: float) -> float | None:
+def _calibration(mpp: float) -> tuple[float | None, str]:
+    """``(mpp, "")``, or ``(None, why)`` when ``mpp`` is a software's placeholder dpi."""
     dpi = 25400.0 / mpp
     for candidate in _PLACEHOLDER_DPI:
         if abs(dpi - candidate) / candidate < 1e-3:
-            return candidate
-    return None
+            return None, f"its resolution tags say {candidate:g} dpi, a software default, not a microscope calibration"
+    return mpp, ""
 
 
 class Source(ABC):
@@ -123,10 +124,7 @@ class OpenSlideSource(Source):
             return None, f"openslide.mpp-x is {mpp_x}"
         if abs(mpp_x - mpp_y) / mpp_x > 0.01:
             warnings.warn(f"non-square pixels ({mpp_x} × {mpp_y} µm); using the x resolution", stacklevel=2)
-        dpi = _placeholder_dpi(mpp_x)
-        if dpi is not None:
-            return None, f"its resolution tags say {dpi:g} dpi, a software default, not a microscope calibration"
-        return mpp_x, ""
+        return _calibration(mpp_x)
 
     def read_region(self, location, level, size):
         import openslide
@@ -292,9 +290,9 @@ def _open_tiff(path: Path) -> ArraySource:
             series = tif.series[0]
             axes = series.axes
             data = series.asarray()
-            page = tif.pages[0]
-            mpp, note = _tiff_mpp(tif, page)
-            names = _ome_channel_names(tif) if tif.is_ome else []
+            ome = _ome_root(tif)
+            mpp, note = _tiff_mpp(tif, tif.pages[0], ome)
+            names = _ome_channel_names(ome) if ome is not None else []
             fmt = "ome-tiff" if tif.is_ome else "tiff"
     except GaplessError:
         raise
@@ -336,11 +334,20 @@ def _to_yxc(path: Path, data: np.ndarray, axes: str) -> np.ndarray:
     return np.transpose(data, [axes.index("Y"), axes.index("X"), axes.index("C")])
 
 
-def _tiff_mpp(tif, page) -> tuple[float | None, str]:
-    if tif.is_ome:
+def _ome_root(tif) -> ET.Element | None:
+    """The parsed OME-XML of an OME-TIFF; None for other TIFFs or unreadable XML."""
+    if not tif.is_ome:
+        return None
+    try:
+        return ET.fromstring(tif.ome_metadata)
+    except ET.ParseError:
+        return None
+
+
+def _tiff_mpp(tif, page, ome: ET.Element | None) -> tuple[float | None, str]:
+    if ome is not None:
         try:
-            root = ET.fromstring(tif.ome_metadata)
-            pixels = next(el for el in root.iter() if el.tag.endswith("Pixels"))
+            pixels = next(el for el in ome.iter() if el.tag.endswith("Pixels"))
             size = pixels.get("PhysicalSizeX")
             unit = pixels.get("PhysicalSizeXUnit", "µm")
             if size is not None:
@@ -348,7 +355,7 @@ def _tiff_mpp(tif, page) -> tuple[float | None, str]:
                 if factor is None:
                     return None, f"OME PhysicalSizeX has unknown unit {unit!r}"
                 return float(size) * factor, ""
-        except (ET.ParseError, StopIteration, ValueError):
+        except (StopIteration, ValueError):
             pass
     ij = tif.imagej_metadata or {}
     xres = page.tags.get("XResolution")
@@ -368,18 +375,11 @@ def _tiff_mpp(tif, page) -> tuple[float | None, str]:
         mpp = 25400.0 / px_per_unit
     else:
         return None, "the TIFF resolution tags have no unit"
-    dpi = _placeholder_dpi(mpp)
-    if dpi is not None:
-        return None, f"its resolution tags say {dpi:g} dpi, a software default, not a microscope calibration"
-    return mpp, ""
+    return _calibration(mpp)
 
 
-def _ome_channel_names(tif) -> list[str]:
-    try:
-        root = ET.fromstring(tif.ome_metadata)
-    except ET.ParseError:
-        return []
-    return [el.get("Name") or f"C{i}" for i, el in enumerate(e for e in root.iter() if e.tag.endswith("Channel"))]
+def _ome_channel_names(ome: ET.Element) -> list[str]:
+    return [el.get("Name") or f"C{i}" for i, el in enumerate(e for e in ome.iter() if e.tag.endswith("Channel"))]
 
 
 def _default_channel_names(pixels: np.ndarray) -> list[str]:

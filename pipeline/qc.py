@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
+from pipeline.files import atomic_write
 from pipeline.tiling import open_store
 
 QC_COLUMNS = (
@@ -49,12 +49,12 @@ def qc_row(store: str | Path) -> dict:
 def write_qc_table(stores: Iterable[str | Path], out: str | Path) -> list[dict]:
     """Write ``out`` (TSV, one row per store, sorted by sample) atomically; return the rows."""
     rows = sorted((qc_row(s) for s in stores), key=lambda r: r["sample"])
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=QC_COLUMNS, delimiter="\t")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, out)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=QC_COLUMNS, delimiter="\t")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(out, write)
     return rows

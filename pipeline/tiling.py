@@ -90,10 +90,6 @@ class TileGrid:
     columns: int
     rows: int
 
-    @property
-    def resampled(self) -> bool:
-        return self.read_size != self.tile_size
-
     def coords(self) -> np.ndarray:
         """(columns·rows, 2) int64 top-left corners (x, y) in level-0 px, row by row."""
         xs = np.rint(np.arange(self.columns) * self.step).astype(np.int64)
@@ -212,18 +208,20 @@ STATS_STEP = 8  # channel statistics from every 8th pixel in y and x: exact hist
 _worker: dict = {}
 
 
-def _init_worker(path: str, kind: str, progress_queue=None, next_shard=None) -> None:
+def _init_worker(path: str, kind: str, progress_queue, next_shard) -> None:
+    """A helper's initializer: its own reader; progress goes back by ``progress_queue``."""
     import zarr  # noqa: F401  (here, like zarrs below: a helper imports while it waits for work)
 
-    _worker["source"] = open_source(path, kind)
-    _worker["report"] = progress_queue.put if progress_queue is not None else None
+    _serve(open_source(path, kind), progress_queue.put, next_shard)
+
+
+def _serve(source: Source, report=None, next_shard=None) -> None:
+    """Make this process a cutter reading ``source`` (this process's own reader is the one it opened
+    for the overview; a helper's is opened by ``_init_worker``); ``_worker.clear()`` undoes it."""
+    _worker["source"] = source
+    _worker["report"] = report
     _worker["next_shard"] = next_shard
     _worker["write_config"] = tile_write_config()
-
-
-def _close_worker() -> None:
-    _worker.pop("source").close()
-    _worker.clear()
 
 
 def _tiles(tiles_path: str):
@@ -255,14 +253,14 @@ def _cut_claimed(tiles_path: str, n_shards: int, per_shard: int, *job) -> Channe
 
 
 def _cut_shards(tiles_path: str, starts: Iterable[int], per_shard: int, coords: np.ndarray, level: int,
-                read_size: int, tile_size: int, bins: int, report=None) -> ChannelStats:
+                read_size: int, tile_size: int) -> ChannelStats:
     """Read, resize and store the whole shards beginning at ``starts`` (indices into ``coords``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     source: Source = _worker["source"]
     tiles = _tiles(tiles_path)
-    report = report or _worker.get("report")
-    stats = ChannelStats(source.channels, bins)
+    report = _worker["report"]
+    stats = ChannelStats(source.channels, _histogram_bins(source.dtype))
     pending = None
     with ThreadPoolExecutor(1) as writer:
         for start in starts:
@@ -306,16 +304,15 @@ class _Helpers:
         if count < 1:
             return
         ctx = multiprocessing.get_context("spawn")  # fresh readers: no OpenSlide handle crosses a fork
-        self.path, self.kind = str(path), kind
         self.progress = ctx.Queue()
         self.next_shard = ctx.Value("q", 0)
         self.pool = ProcessPoolExecutor(count, mp_context=ctx, initializer=_init_worker,
-                                        initargs=(self.path, kind, self.progress, self.next_shard))
+                                        initargs=(str(path), kind, self.progress, self.next_shard))
         for _ in range(count):  # a process is spawned per task submitted while none is idle
             self.pool.submit(int)
 
-    def cut(self, helpers: int, tiles_path: str, n_shards: int, job: tuple, bar) -> ChannelStats:
-        """Cut all ``n_shards`` shards here and in ``helpers`` of the helpers; progress comes back by queue."""
+    def cut(self, source: Source, helpers: int, tiles_path: str, n_shards: int, job: tuple, bar) -> ChannelStats:
+        """Cut all ``n_shards`` shards here (from ``source``) and in ``helpers`` of the helpers; progress comes back by queue."""
         import queue
         import threading
 
@@ -332,11 +329,11 @@ class _Helpers:
         relay_thread.start()
         try:
             futures = [self.pool.submit(_cut_claimed, tiles_path, n_shards, *job) for _ in range(helpers)]
-            _init_worker(self.path, self.kind, self.progress, self.next_shard)
+            _serve(source, self.progress.put, self.next_shard)
             try:
                 stats = _cut_claimed(tiles_path, n_shards, *job)
             finally:
-                _close_worker()
+                _worker.clear()
             for future in futures:
                 stats.merge(future.result())
             # their work is done: they exit while this process writes the attrs
@@ -463,65 +460,63 @@ def tile_source(
         annotations = load_annotations(settings.annotations)  # fail on bad annotations before any work
 
     helpers = _Helpers()  # none unless the grid has work for more than one process
+    source = open_source(path, settings.kind)  # for the overview, then this process cuts from it too
     try:
-        with open_source(path, settings.kind) as source:
-            source_mpp, mpp_source = source.resolve_mpp(settings.slide_mpp)
-            grid = plan_grid(source, source_mpp, settings.mpp, settings.tile_size, settings.stride)
-            if grid.columns == 0 or grid.rows == 0:
+        source_mpp, mpp_source = source.resolve_mpp(settings.slide_mpp)
+        grid = plan_grid(source, source_mpp, settings.mpp, settings.tile_size, settings.stride)
+        if grid.columns == 0 or grid.rows == 0:
+            raise GaplessError(
+                path,
+                f"smaller than one tile: {source.dimensions[0]}×{source.dimensions[1]} px at {source_mpp:.3g} µm/px "
+                f"cannot hold a {settings.tile_size}-px tile at {settings.mpp:.3g} µm/px",
+                "use a smaller --tile-size or a coarser --mpp",
+            )
+        # helpers start now: their start-up overlaps the overview and tissue mask below
+        helpers.start(path, source.kind, effective_workers(workers, grid.columns * grid.rows) - 1)
+        W, H = source.dimensions
+        # One overview read serves both the tissue mask (~16 px per tile) and the thumbnail (≤ 1024 px).
+        mask_ds = max(1.0, grid.extent / MASK_PX_PER_TILE, max(W, H) / MASK_MAX_SIDE)
+        thumb_ds = max(1.0, max(W, H) / THUMBNAIL_MAX_SIDE)
+        overview, overview_ds = read_overview(source, min(mask_ds, thumb_ds))
+        modality = detect_modality(overview) if settings.tissue in ("auto", "none") else settings.tissue
+        method = modality if settings.tissue == "auto" else settings.tissue
+        mask_src, mask_px = _shrink(overview, overview_ds, mask_ds, (W, H))
+        mask = tissue_mask(mask_src, method, px_size_um=source_mpp * mask_px[0])
+        all_coords = grid.coords()
+        all_fractions = tissue_fractions(mask, mask_px, all_coords, grid.extent)
+        keep = all_fractions >= settings.min_tissue
+        coords, fractions = all_coords[keep], all_fractions[keep]
+        n = len(coords)
+        qc_flag = None
+        if n == 0:
+            cause = (
+                f"no tissue found: 0 of {len(all_coords)} tiles have at least {settings.min_tissue:.0%} tissue "
+                f"({method} mask covers {mask.mean():.1%} of the image)"
+            )
+            if not settings.allow_empty:
                 raise GaplessError(
-                    path,
-                    f"smaller than one tile: {source.dimensions[0]}×{source.dimensions[1]} px at {source_mpp:.3g} µm/px "
-                    f"cannot hold a {settings.tile_size}-px tile at {settings.mpp:.3g} µm/px",
-                    "use a smaller --tile-size or a coarser --mpp",
+                    path, cause,
+                    "check the image, lower --min-tissue, set --tissue brightfield|fluorescence|none, "
+                    "or pass --allow-empty to keep a flagged empty store",
                 )
-            # helpers start now: their start-up overlaps the overview and tissue mask below
-            helpers.start(path, source.kind, effective_workers(workers, grid.columns * grid.rows) - 1)
-            W, H = source.dimensions
-            # One overview read serves both the tissue mask (~16 px per tile) and the thumbnail (≤ 1024 px).
-            mask_ds = max(1.0, grid.extent / MASK_PX_PER_TILE, max(W, H) / MASK_MAX_SIDE)
-            thumb_ds = max(1.0, max(W, H) / THUMBNAIL_MAX_SIDE)
-            overview, overview_ds = read_overview(source, min(mask_ds, thumb_ds))
-            modality = detect_modality(overview) if settings.tissue in ("auto", "none") else settings.tissue
-            method = modality if settings.tissue == "auto" else settings.tissue
-            mask_src, mask_px = _shrink(overview, overview_ds, mask_ds, (W, H))
-            mask = tissue_mask(mask_src, method, px_size_um=source_mpp * mask_px[0])
-            all_coords = grid.coords()
-            all_fractions = tissue_fractions(mask, mask_px, all_coords, grid.extent)
-            keep = all_fractions >= settings.min_tissue if settings.min_tissue > 0 else np.ones(len(all_coords), bool)
-            coords, fractions = all_coords[keep], all_fractions[keep]
-            n = len(coords)
-            qc_flag = None
-            if n == 0:
-                cause = (
-                    f"no tissue found: 0 of {len(all_coords)} tiles have at least {settings.min_tissue:.0%} tissue "
-                    f"({method} mask covers {mask.mean():.1%} of the image)"
-                )
-                if not settings.allow_empty:
-                    raise GaplessError(
-                        path, cause,
-                        "check the image, lower --min-tissue, set --tissue brightfield|fluorescence|none, "
-                        "or pass --allow-empty to keep a flagged empty store",
-                    )
-                log.warning("%s: %s; writing an empty store flagged 'no tissue'", path, cause)
-                qc_flag = "no tissue"
+            log.warning("%s: %s; writing an empty store flagged 'no tissue'", path, cause)
+            qc_flag = "no tissue"
 
-            labels = np.full(n, -1, dtype=np.int8)
-            if annotations is not None:
-                from pipeline.annotations import tile_labels
+        labels = np.full(n, -1, dtype=np.int8)
+        if annotations is not None:
+            from pipeline.annotations import tile_labels
 
-                labels = tile_labels(annotations, coords, grid.extent, settings.positive_classes, (W, H))
+            labels = tile_labels(annotations, coords, grid.extent, settings.positive_classes, (W, H))
 
-            thumb_src, thumb_px = _shrink(overview, overview_ds, thumb_ds, (W, H))
-            thumbnail = to_display_rgb(thumb_src, modality)
-            channels, dtype = source.channels, source.dtype
-            attrs_source = dict(format=source.format, kind=source.kind, channel_names=list(source.channel_names))
+        thumb_src, thumb_px = _shrink(overview, overview_ds, thumb_ds, (W, H))
+        thumbnail = to_display_rgb(thumb_src, modality)
+        channels, dtype = source.channels, source.dtype
 
         T = settings.tile_size
         tile_bytes = T * T * channels * dtype.itemsize
         workers = effective_workers(workers, n)
         per_shard = shard_tiles(n, tile_bytes, workers)
-        bins = _histogram_bins(dtype)
-        stats = ChannelStats(channels, bins)
+        stats = ChannelStats(channels, _histogram_bins(dtype))
 
         root = zarr.open_group(partial, mode="w", zarr_format=3)
         root.create_array(  # filled shard by shard by the cutting processes, each with its own handle
@@ -536,23 +531,25 @@ def tile_source(
 
         n_shards = math.ceil(n / per_shard)
         bar = _progress(n, f"tiling {path.name}", progress)
-        job = (per_shard, coords, grid.level, grid.read_size, T, bins)
+        job = (per_shard, coords, grid.level, grid.read_size, T)
         tiles_path = str(partial / "tiles")
         if workers == 1 or n_shards == 1:
-            _init_worker(str(path), attrs_source["kind"])
+            _serve(source, bar.update)
             try:
-                stats.merge(_cut_shards(tiles_path, range(0, n, per_shard), *job, report=bar.update))
+                stats.merge(_cut_shards(tiles_path, range(0, n, per_shard), *job))
             finally:
-                _close_worker()
+                _worker.clear()
         else:
-            stats.merge(helpers.cut(workers - 1, tiles_path, n_shards, job, bar))
+            stats.merge(helpers.cut(source, workers - 1, tiles_path, n_shards, job, bar))
         bar.close()
 
         seconds = time.perf_counter() - start_time
         attrs = {
             "schema": SCHEMA,
             "source": str(path.resolve()),
-            **attrs_source,
+            "format": source.format,
+            "kind": source.kind,
+            "channel_names": list(source.channel_names),
             "modality": modality,
             "tissue_method": method,
             "mpp": grid.tile_mpp,
@@ -571,7 +568,7 @@ def tile_source(
             "height": H,
             "channels": channels,
             "dtype": dtype.name,
-            "channel_stats": stats.summary(attrs_source["channel_names"]),
+            "channel_stats": stats.summary(source.channel_names),
             "min_tissue": settings.min_tissue,
             "tissue_area_fraction": round(float(mask.mean()), 4),
             "n_tiles": n,
@@ -594,6 +591,8 @@ def tile_source(
         helpers.close()  # before the clean-up: no helper may still be writing
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    finally:
+        source.close()
     helpers.close()
     return TileResult(out, n, seconds, attrs)
 

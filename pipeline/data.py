@@ -128,12 +128,11 @@ def split_samples(samples: Sequence[Sample], seed: int, fractions: Sequence[floa
             "add samples, set fractions to 0 for a split you do not need, or fix `split` in the sample sheet",
         )
 
-    def composition(key) -> Counter:
-        return Counter(s.label for s in members[key])
+    composition = {key: Counter(s.label for s in group) for key, group in members.items()}
 
     # Phase 1: one group of each label per split, scarcest label first, while enough groups carry it.
     def carriers(label):
-        return [k for k in free if k not in assigned and label in composition(k)]
+        return [k for k in free if k not in assigned and label in composition[k]]
 
     def can_spare(split) -> bool:  # giving `split` one more group still leaves one for every empty split
         left = sum(1 for k in free if k not in assigned) - 1
@@ -147,7 +146,7 @@ def split_samples(samples: Sequence[Sample], seed: int, fractions: Sequence[floa
             if not candidates:
                 break
             # a pure, small group leaves the most freedom for phase 2
-            best = min(candidates, key=lambda k: (len(composition(k)) > 1, len(members[k])))
+            best = min(candidates, key=lambda k: (len(composition[k]) > 1, len(members[k])))
             assign(best, split)
     for split in wanted:  # a split still empty (no labels left to give) takes the smallest free group
         if size[split] == 0:
@@ -159,7 +158,7 @@ def split_samples(samples: Sequence[Sample], seed: int, fractions: Sequence[floa
     target = {split: {lab: f * total[lab] for lab in labels} for split, f in zip(SPLITS, fr)}
     rest = sorted((k for k in free if k not in assigned), key=lambda k: -len(members[k]))  # stable: keeps rng order
     for key in rest:
-        comp = composition(key)
+        comp = composition[key]
 
         def cost(split):
             change = sum(
@@ -288,12 +287,12 @@ def build_tile_table(
         path = Path(lookup(sample.sample_id))
         root = open_store(path)
         attrs = dict(root.attrs)
-        n = int(root["tiles"].shape[0])
+        tiles = root["tiles"]  # opening an array reads its metadata: once
+        n = int(tiles.shape[0])
         if n == 0:
             log.warning("%s: no tiles (%s); sample %s is left out", path, attrs.get("qc_flag") or "empty store", sample.sample_id)
             skipped.append(sample.sample_id)
             continue
-        tiles = root["tiles"]
         shape = (int(tiles.shape[3]), int(tiles.shape[1]), np.dtype(tiles.dtype), str(attrs.get("modality", "unknown")))
         if first is None:
             first = (path, *shape)

@@ -120,10 +120,7 @@ def t_interval(values, confidence: float = CONFIDENCE) -> dict:
 
     n = 0: everything NaN; n = 1: the mean, sd and interval NaN (undefined, not zero width).
     """
-    from scipy import stats
-
-    v = np.asarray([x for x in values if x is not None], dtype=float)
-    v = v[np.isfinite(v)]
+    v = _finite(values)
     n = int(v.size)
     out = {"n": n, "mean": float("nan"), "sd": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
     if n == 0:
@@ -132,9 +129,28 @@ def t_interval(values, confidence: float = CONFIDENCE) -> dict:
     if n < 2:
         return out
     sd = float(v.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    half = _t_quantile(n, confidence) * sd / math.sqrt(n)
     out.update(sd=sd, ci_low=out["mean"] - half, ci_high=out["mean"] + half)
     return out
+
+
+def _finite(values) -> np.ndarray:
+    """The finite values (None and NaN/inf left out) as float64."""
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    return v[np.isfinite(v)]
+
+
+def _mean(values) -> float:
+    """The mean of the finite values, NaN when there are none (``t_interval``'s mean, without the interval)."""
+    v = _finite(values)
+    return float(v.mean()) if v.size else float("nan")
+
+
+def _t_quantile(n: int, confidence: float = CONFIDENCE) -> float:
+    """t(0.5 + confidence / 2, n − 1): the half-width of the interval in standard errors."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.5 + confidence / 2, max(1, n - 1)))
 
 
 def verdict(n_pairs: int, ci_low: float, ci_high: float) -> str:
@@ -178,14 +194,8 @@ def _search_all(client, experiment_ids: list[str], filter_string: str) -> list:
             return runs
 
 
-def _seed_sort_key(seed) -> tuple:
-    try:
-        return (0, float(seed), "")
-    except (TypeError, ValueError):
-        return (1, 0.0, str(seed))
-
-
-def _value_sort_key(value: str) -> tuple:
+def _value_sort_key(value) -> tuple:
+    """Numbers first, in numeric order, then any other value as text (seeds, setting values)."""
     try:
         return (0, float(value), "")
     except (TypeError, ValueError):
@@ -197,6 +207,11 @@ def head_order(heads) -> list[str]:
     heads = set(heads)
     known = [h for h in HEAD_ORDER if h in heads]
     return known + sorted(heads - set(known))
+
+
+def _head_rank(head: str) -> int:
+    """The head's place in HEAD_ORDER; any other head after them all."""
+    return HEAD_ORDER.index(head) if head in HEAD_ORDER else len(HEAD_ORDER)
 
 
 def _demo_applies(params: Mapping[str, str]) -> bool:
@@ -276,6 +291,7 @@ def collect_runs(tracking_uri: str, experiment_id: str | None = None, parent_run
     for r in found:
         tags, params, metrics = r.data.tags, r.data.params, r.data.metrics
         demo = _demo_applies(params)
+        test_samples = _test_samples(params)
         setting = tuple(
             NA if (k.startswith("config.demo.") and not demo) else params.get(k, NA) for k in setting_keys)
         row = {
@@ -288,8 +304,8 @@ def collect_runs(tracking_uri: str, experiment_id: str | None = None, parent_run
             "setting": setting,
             **{short_name(k): v for k, v in zip(setting_keys, setting)},
             **{m: metrics.get(m) for m in FINAL_METRICS},
-            **localisation_scores(metrics, _test_samples(params)),
-            "localisation_on": "test split" if _test_samples(params) is not None else "all samples",
+            **localisation_scores(metrics, test_samples),
+            "localisation_on": "test split" if test_samples is not None else "all samples",
             "start_time": r.info.start_time or 0,
             "skip_reason": None,
         }
@@ -314,8 +330,7 @@ def collect_runs(tracking_uri: str, experiment_id: str | None = None, parent_run
         listed = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
         raise GaplessError(tracking_uri, f"none of the {len(runs)} runs under {where} finished ({listed})",
                            "see the training logs (results/logs/train) and rerun the failed jobs")
-    runs.sort(key=lambda x: (x["setting"], head_order({x["head"], *HEAD_ORDER}).index(x["head"]),
-                             _seed_sort_key(x["seed"]), x["start_time"]))
+    runs.sort(key=lambda x: (x["setting"], _head_rank(x["head"]), _value_sort_key(x["seed"]), x["start_time"]))
     return runs
 
 
@@ -338,28 +353,34 @@ def _counted(runs: Sequence[dict]) -> list[dict]:
     return [r for r in runs if r["skip_reason"] is None]
 
 
-def _settings(runs: Sequence[dict]) -> list[tuple]:
-    return sorted({r["setting"] for r in runs}, key=lambda s: tuple(_value_sort_key(v) for v in s))
+def _by_setting(runs: Sequence[dict]) -> list[tuple[tuple, list[dict]]]:
+    """The counted runs grouped by setting (run order kept), settings in value order."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in _counted(runs):
+        groups[r["setting"]].append(r)
+    return sorted(groups.items(), key=lambda item: tuple(_value_sort_key(v) for v in item[0]))
+
+
+def _setting_columns(setting: tuple, setting_keys: Sequence[str]) -> dict:
+    """The setting's values by short name, and ``setting`` (its label): the first columns of a table row."""
+    return {**{short_name(k): v for k, v in zip(setting_keys, setting)}, "setting": setting_label(setting, setting_keys)}
 
 
 def summarise(runs: Sequence[dict], setting_keys: Sequence[str] = DEFAULT_SETTING_KEYS):
     """``summary.tsv`` as a DataFrame: one row per setting × head over the counted runs' seeds."""
     import pandas as pd
 
-    counted = _counted(runs)
     rows = []
-    for setting in _settings(counted):
-        in_setting = [r for r in counted if r["setting"] == setting]
+    for setting, in_setting in _by_setting(runs):
         for head in head_order(r["head"] for r in in_setting):
-            group = sorted((r for r in in_setting if r["head"] == head), key=lambda r: _seed_sort_key(r["seed"]))
-            row = {short_name(k): v for k, v in zip(setting_keys, setting)}
-            row.update(setting=setting_label(setting, setting_keys), head=head, n_seeds=len(group),
-                       seeds=",".join(str(r["seed"]) for r in group))
+            group = sorted((r for r in in_setting if r["head"] == head), key=lambda r: _value_sort_key(r["seed"]))
+            row = _setting_columns(setting, setting_keys)
+            row.update(head=head, n_seeds=len(group), seeds=",".join(str(r["seed"]) for r in group))
             for m, _ in INTERVAL_METRICS:
                 stats = t_interval([r[m] for r in group])
                 row.update({f"{m}_{k}": v for k, v in stats.items()})
             for c, _ in COST_METRICS:
-                row[f"{c}_mean"] = t_interval([r[c] for r in group])["mean"]
+                row[f"{c}_mean"] = _mean(r[c] for r in group)
             rows.append(row)
     return pd.DataFrame(rows, columns=summary_columns(setting_keys))
 
@@ -372,10 +393,8 @@ def paired_comparison(runs: Sequence[dict], setting_keys: Sequence[str] = DEFAUL
     """
     import pandas as pd
 
-    counted = _counted(runs)
     rows = []
-    for setting in _settings(counted):
-        in_setting = [r for r in counted if r["setting"] == setting]
+    for setting, in_setting in _by_setting(runs):
         base = {r["seed"]: r for r in in_setting if r["head"] == baseline}
         for head in head_order(r["head"] for r in in_setting):
             if head == baseline:
@@ -383,14 +402,12 @@ def paired_comparison(runs: Sequence[dict], setting_keys: Sequence[str] = DEFAUL
             mine = {r["seed"]: r for r in in_setting if r["head"] == head}
             for m in metrics:
                 seeds = sorted((s for s in mine if s in base and mine[s][m] is not None and base[s][m] is not None
-                                and math.isfinite(mine[s][m]) and math.isfinite(base[s][m])), key=_seed_sort_key)
+                                and math.isfinite(mine[s][m]) and math.isfinite(base[s][m])), key=_value_sort_key)
                 diffs = [mine[s][m] - base[s][m] for s in seeds]
                 stats = t_interval(diffs)
-                row = {short_name(k): v for k, v in zip(setting_keys, setting)}
-                row.update(setting=setting_label(setting, setting_keys), head=head, baseline=baseline, metric=m,
-                           n_pairs=len(seeds), seeds=",".join(str(s) for s in seeds),
-                           head_mean=t_interval([mine[s][m] for s in seeds])["mean"],
-                           baseline_mean=t_interval([base[s][m] for s in seeds])["mean"],
+                row = _setting_columns(setting, setting_keys)
+                row.update(head=head, baseline=baseline, metric=m, n_pairs=len(seeds), seeds=",".join(str(s) for s in seeds),
+                           head_mean=_mean(mine[s][m] for s in seeds), baseline_mean=_mean(base[s][m] for s in seeds),
                            mean_diff=stats["mean"], sd_diff=stats["sd"], ci_low=stats["ci_low"],
                            ci_high=stats["ci_high"], verdict=verdict(len(seeds), stats["ci_low"], stats["ci_high"]))
                 rows.append(row)
@@ -483,7 +500,6 @@ def _findings(runs, summary, paired, baseline: str, setting_keys: Sequence[str])
         if len(flat):
             out.append(f"{len(flat)} paired difference(s) are identical on every seed (zero spread), so their interval "
                        f"has zero width; with so few seeds this says the seeds agreed, not that the difference is exact.")
-    if len(paired):
         counts = Counter(paired["verdict"])
         parts = ", ".join(f"{counts[v]} {v}" for v in VERDICTS if counts[v])
         out.append(f"Paired against {baseline} by seed: {len(paired)} comparisons ({parts}).")
@@ -522,12 +538,6 @@ def _findings(runs, summary, paired, baseline: str, setting_keys: Sequence[str])
     return out
 
 
-def _t_quantile(n: int) -> float:
-    from scipy import stats
-
-    return float(stats.t.ppf(0.5 + CONFIDENCE / 2, max(1, n - 1)))
-
-
 def write_markdown(path: Path, runs, summary, paired, setting_keys: Sequence[str], meta: Mapping[str, str],
                    plots: Mapping[str, Path], baseline: str = BASELINE) -> Path:
     """``report.md``: sources, the table per setting, the paired verdicts, the findings, skipped runs."""
@@ -539,8 +549,7 @@ def write_markdown(path: Path, runs, summary, paired, setting_keys: Sequence[str
     header = ["head", "seeds"] + [label for _, label in INTERVAL_METRICS] + [label for _, label in COST_METRICS]
     for setting in summary["setting"].unique():
         part = summary[summary["setting"] == setting]
-        first = part.iloc[0]
-        lines += [f"### {', '.join(f'{short_name(k)} {first[short_name(k)]}' for k in setting_keys)}", ""]
+        lines += [f"### {_row_setting(part.iloc[0], setting_keys)}", ""]
         rows = []
         for _, r in part.iterrows():
             cells = [r["head"], f"{r['n_seeds']} ({r['seeds']})"]
@@ -743,9 +752,7 @@ def log_to_parent(tracking_uri: str, parent_run_id: str, paths: Sequence[Path], 
 
     try:
         run = RunLogger(tracking_uri, parent_run_id)
-        items = sorted(metrics.items())
-        for i in range(0, len(items), 500):  # MLflow takes at most 1000 metrics per batch
-            run.metrics(dict(items[i : i + 500]))
+        run.metrics(dict(metrics))
         for p in paths:
             run.artifact(p, folder)
         run.tag("gapless.report", "written")
@@ -773,10 +780,10 @@ def write_report(tracking_uri: str, parent_run_id: str, out_dir: str | Path = "r
     summary = summarise(runs, setting_keys)
     paired = paired_comparison(runs, setting_keys, baseline)
     table = runs_table(runs, setting_keys)
-    paths = {"summary": out / "summary.tsv", "paired": out / "paired.tsv", "runs": out / "runs.tsv"}
-    summary.to_csv(paths["summary"], sep="\t", index=False, na_rep="NaN", float_format="%.6g")
-    paired.to_csv(paths["paired"], sep="\t", index=False, na_rep="NaN", float_format="%.6g")
-    table.to_csv(paths["runs"], sep="\t", index=False, na_rep="NaN", float_format="%.6g")
+    paths = {}
+    for name, frame in (("summary", summary), ("paired", paired), ("runs", table)):
+        paths[name] = out / f"{name}.tsv"
+        frame.to_csv(paths[name], sep="\t", index=False, na_rep="NaN", float_format="%.6g")
     plots = {"metrics vs witness fraction": plot_metrics(summary, out / "metric_vs_witness_fraction.png", setting_keys)}
     paths["metric_plot"] = plots["metrics vs witness fraction"]
     if heatmap_pngs:

@@ -13,6 +13,7 @@ reports the database locked.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import random
@@ -61,6 +62,18 @@ def prepare_tracking(uri: str, experiment: str, artifacts: str | None = None) ->
         if "RESOURCE_ALREADY_EXISTS" in str(exc.error_code):  # another process created it first
             return client.get_experiment_by_name(experiment).experiment_id
         raise GaplessError(uri, f"MLflow backend unusable: {exc.message}", "check mlflow.tracking_uri / MLFLOW_TRACKING_URI") from None
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} → {"a.b": 1}: a nested config as MLflow params (lists and dicts as JSON)."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (list, dict)) else value
+    return flat
 
 
 def retry_locked(fn, attempts: int = 30):
@@ -113,8 +126,8 @@ class RunLogger:
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step or 0) for k, v in sorted(metrics.items()) if v is not None]
-        if items:
-            retry_locked(self.client.log_batch)(self.run_id, metrics=items)
+        for i in range(0, len(items), 500):  # MLflow takes at most 1000 metrics per batch
+            retry_locked(self.client.log_batch)(self.run_id, metrics=items[i : i + 500])
 
     def artifact(self, path: str | Path, folder: str | None = None) -> None:
         retry_locked(self.client.log_artifact)(self.run_id, str(path), folder)
@@ -137,8 +150,6 @@ def setup_comparison(experiment: str, configured_uri: str | None = None, results
     experiment_id = prepare_tracking(uri, experiment, artifact_root(results))
     parent = RunLogger.start(uri, experiment_id, run_name, tags={"gapless.role": "comparison"})
     if config:
-        from pipeline.train import flatten
-
         parent.params(flatten(config))
     parent.finish()
     return {"tracking_uri": uri, "experiment": experiment, "experiment_id": experiment_id,

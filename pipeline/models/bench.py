@@ -151,16 +151,12 @@ def _check_settings(backbone, image_size, batch_size, steps, warmup, channels, l
 
 
 def _store_list(store) -> list[Path]:
-    """The store(s) as paths, each checked to be a tile store (GaplessError naming the path otherwise)."""
-    from pipeline.tiling import open_store
-
+    """The store(s) as paths; ``data.build_tile_table`` (in ``_bench_loader``) opens and checks each one."""
     if store is None:
         return []
     paths = [Path(store)] if isinstance(store, (str, os.PathLike)) else [Path(s) for s in store]
     if not paths:
         raise GaplessError(None, "an empty list of tile stores", "pass one or more *.zarr stores, or none")
-    for path in paths:
-        open_store(path)  # "no such tile store; run `gapless tile` first", or not a tile store
     return paths
 
 
@@ -210,7 +206,7 @@ def _bench_one(backbone: str, head: str, dev, channels: int, image_size: int, ba
     import torch
 
     from pipeline.models import create_model
-    from pipeline.train import TrainSettings, train_step
+    from pipeline.train import TrainSettings, peak_memory_mb, train_step
 
     cuda = dev.type == "cuda"
     defaults = TrainSettings()
@@ -238,7 +234,7 @@ def _bench_one(backbone: str, head: str, dev, channels: int, image_size: int, ba
 
     model.train()
     train_s = _median_seconds(step, steps, warmup, cuda)
-    peak = _read_peak(dev) if measure_peak else None
+    peak = (peak_memory_mb(dev) if cuda else _vm_hwm_mb()) if measure_peak else None  # the CUDA figure as training logs it
     model.eval()
     infer_s = _median_seconds(infer_step, steps, warmup, cuda)
     row = {
@@ -335,14 +331,6 @@ def _reset_peak(dev) -> None:
     elif dev.type == "cpu":
         with contextlib.suppress(OSError):
             _CLEAR_REFS.write_text("5")
-
-
-def _read_peak(dev) -> float | None:
-    import torch
-
-    if dev.type == "cuda":
-        return torch.cuda.max_memory_allocated(dev) / 2**20
-    return _vm_hwm_mb()
 
 
 def _free(dev) -> None:

@@ -1,9 +1,11 @@
-"""Writing files so that a reader never sees half of one: write a temporary sibling, then rename."""
+"""Writing files and folders so that a reader never sees half of one: write a temporary sibling, then rename."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -28,3 +30,24 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """``atomic_write`` of UTF-8 text."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Fill ``<path>.partial`` (yielded), which replaces ``path`` only when the block completes.
+
+    A leftover ``.partial`` from a killed run is removed first; on any failure the partial folder is
+    removed and ``path`` (an older complete one, or none) is left as it was.
+    """
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(partial, path)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise

@@ -81,9 +81,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import shutil
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -94,7 +92,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import GaplessError
-from pipeline.files import atomic_write
+from pipeline.files import atomic_directory, atomic_write
 
 log = logging.getLogger("gapless.heatmap")
 
@@ -203,6 +201,11 @@ def load_trained(run_dir: str | Path, device=None):
     run_id_path = run_dir / "run_id.txt"
     run_id = run_id_path.read_text(encoding="utf-8").strip() if run_id_path.is_file() else ""
     return model, dict(config, run_dir=str(run_dir), run_id=run_id or None)
+
+
+def _check_normalisation(method: str) -> None:
+    if method not in NORMALISATIONS:
+        raise GaplessError(None, f"unknown normalisation {method!r}", f"choose one of {', '.join(NORMALISATIONS)}")
 
 
 def _device(device):
@@ -331,28 +334,32 @@ def infer_store(model, config: Mapping, store, batch_size: int = 64, device=None
 
     Holds N×K×h×w floats; ``stitch_store`` streams instead and holds one batch.
     """
-    parts = [maps for _, maps in iter_tile_maps(model, config, store, batch_size, device, progress)]
-    if not parts:
-        root, _ = _open(store)
-        probe = _probe(model, config, root, device)
-        return TileMaps(np.zeros((0, 2), np.int64), probe.probs[:0], probe.contribution[:0],
-                        None if probe.attention is None else probe.attention[:0], probe.spread[:0], probe.spread_weights)
+    parts = list(_batches(model, config, store, batch_size, device, progress))
     attention = None if parts[0].attention is None else np.concatenate([p.attention for p in parts])
     return TileMaps(np.concatenate([p.coords for p in parts]), np.concatenate([p.probs for p in parts]),
                     np.concatenate([p.contribution for p in parts]), attention,
                     np.concatenate([p.spread for p in parts]), parts[0].spread_weights)
 
 
-def _probe(model, config: Mapping, root, device) -> TileMaps:
-    """The model's output on one blank input: the map shape and channels of a store without tiles."""
+def _batches(model, config: Mapping, store, batch_size: int, device, progress: bool) -> Iterator[TileMaps]:
+    """The batches of ``iter_tile_maps``, or for a store without tiles (flagged "no tissue") one batch
+    of no tiles, its maps' shape and channels from the model's output on one blank input."""
     import torch
 
-    device = _device(device)
-    t = int(root.attrs.get("tile_size") or root["tiles"].shape[1])
-    size = int(config.get("image_size") or t)
-    x = torch.zeros(1, len(config["mean"]), size, size, device=device)
-    with torch.no_grad():
-        return _tile_maps(model.to(device).eval()(x), np.zeros((1, 2), np.int64))
+    root, _ = _open(store)
+    empty = True
+    for _, maps in iter_tile_maps(model, config, root, batch_size, device, progress):
+        empty = False
+        yield maps
+    if empty:
+        device = _device(device)
+        t = int(root.attrs.get("tile_size") or root["tiles"].shape[1])
+        size = int(config.get("image_size") or t)
+        x = torch.zeros(1, len(config["mean"]), size, size, device=device)
+        with torch.no_grad():
+            probe = _tile_maps(model.to(device).eval()(x), np.zeros((0, 2), np.int64))
+        yield TileMaps(probe.coords, probe.probs[:0], probe.contribution[:0],
+                       None if probe.attention is None else probe.attention[:0], probe.spread[:0], probe.spread_weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,10 +390,6 @@ class SlideCanvas:
         # float32: a cell sums (extent/step)² tiles at most, far from float32's 7 significant digits.
         self.sums = np.zeros((self.channels, self.rows + 1, self.cols + 1), np.float32)
         self.area = np.zeros((self.rows + 1, self.cols + 1), np.float32)
-
-    @property
-    def nbytes(self) -> int:
-        return self.sums.nbytes + self.area.nbytes
 
     def add(self, coords: np.ndarray, maps: np.ndarray) -> None:
         coords, maps = np.asarray(coords), np.asarray(maps)
@@ -500,26 +503,26 @@ def stitch_store(model, config: Mapping, store, batch_size: int = 64, device=Non
     root, path = _open(store)
     a = root.attrs
     width, height, extent = int(a["width"]), int(a["height"]), float(a["tile_extent"])
-    canvas, kind, has_attention = None, None, False
+    canvas = None
     coords, probs = [], []
-    for _, maps in iter_tile_maps(model, config, root, batch_size, device, progress):
+    for batch in _batches(model, config, root, batch_size, device, progress):
+        has_attention = batch.attention is not None
         if canvas is None:
-            has_attention, kind = maps.attention is not None, maps.spread_weights
-            canvas = SlideCanvas(width, height, extent, maps.contribution.shape[-1], 3 if has_attention else 2)
-        layers = [maps.contribution[:, -1:], maps.spread] + ([maps.attention] if has_attention else [])
-        canvas.add(maps.coords, np.concatenate(layers, axis=1))
-        coords.append(maps.coords)
-        probs.append(maps.probs)
-    if canvas is None:  # a store flagged "no tissue": the map's shape from one blank input
-        probe = _probe(model, config, root, device)
-        has_attention, kind = probe.attention is not None, probe.spread_weights
-        canvas = SlideCanvas(width, height, extent, probe.contribution.shape[-1], 3 if has_attention else 2)
-        coords, probs = [np.zeros((0, 2), np.int64)], [probe.probs[:0]]
+            canvas = SlideCanvas(width, height, extent, batch.contribution.shape[-1], 3 if has_attention else 2)
+        layers = [batch.contribution[:, -1:], batch.spread] + ([batch.attention] if has_attention else [])
+        canvas.add(batch.coords, np.concatenate(layers, axis=1))
+        coords.append(batch.coords)
+        probs.append(batch.probs)
+    coords = np.concatenate(coords)
+    if not len(coords):
         log.warning("%s: no tiles; the heatmap is empty", path)
     valid = canvas.coverage() >= MIN_COVERAGE
-    if "tissue_mask" in root:
-        mask_ds = a.get("tissue_mask_downsample") or [width / root["tissue_mask"].shape[1], height / root["tissue_mask"].shape[0]]
-        valid &= cell_tissue_fraction(root["tissue_mask"][:], mask_ds, canvas.rows, canvas.cols, canvas.cell) >= MIN_CELL_TISSUE
+    mask = root.get("tissue_mask")  # opened once: each lookup reads the array's metadata
+    if mask is not None:
+        mask = mask[:]
+        mask_ds = a.get("tissue_mask_downsample") or [width / mask.shape[1], height / mask.shape[0]]
+        valid &= cell_tissue_fraction(mask, mask_ds, canvas.rows, canvas.cols, canvas.cell) >= MIN_CELL_TISSUE
+        del mask
     maps = []
     for c in range(canvas.channels):
         m = canvas.mean(c)
@@ -527,9 +530,8 @@ def stitch_store(model, config: Mapping, store, batch_size: int = 64, device=Non
         maps.append(m)
     cell, side = canvas.cell, canvas.map_side
     del canvas
-    return StitchedMaps(maps[0], maps[1], maps[2] if has_attention else None, valid, cell,
-                        np.concatenate(coords), np.concatenate(probs), kind, width, height, extent,
-                        a.get("source_mpp"), side)
+    return StitchedMaps(maps[0], maps[1], maps[2] if has_attention else None, valid, cell, coords,
+                        np.concatenate(probs), batch.spread_weights, width, height, extent, a.get("source_mpp"), side)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,24 +540,22 @@ def stitch_store(model, config: Mapping, store, batch_size: int = 64, device=Non
 
 def normalise(maps: StitchedMaps, method: str = "rank") -> tuple[np.ndarray, tuple[float, float]]:
     """(rows, cols) float32 map on the chosen scale (NaN outside tissue) and its colour range (lo, hi)."""
-    if method not in NORMALISATIONS:
-        raise GaplessError(None, f"unknown normalisation {method!r}", f"choose one of {', '.join(NORMALISATIONS)}")
+    _check_normalisation(method)
     valid = maps.valid & np.isfinite(maps.raw)
     out = np.full(maps.raw.shape, np.nan, np.float32)
-    if method == "raw":
-        out[valid] = maps.raw[valid]
-        if not valid.any():
-            return out, (0.0, 1.0)
-        lo, hi = float(out[valid].min()), float(out[valid].max())
-        return out, (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)
-    if method == "rank":
-        raw = maps.raw[valid]
-        n = raw.size
-        if n:
-            out[valid] = _percentile_ranks(raw) if n > 1 else 0.5
+    if method == "attention":
+        out[valid] = maps.spread[valid]
         return out, (0.0, 1.0)
-    out[valid] = maps.spread[valid]
-    return out, (0.0, 1.0)
+    raw = maps.raw[valid]
+    if method == "rank":
+        if raw.size:
+            out[valid] = _percentile_ranks(raw) if raw.size > 1 else 0.5
+        return out, (0.0, 1.0)
+    out[valid] = raw
+    if not raw.size:
+        return out, (0.0, 1.0)
+    lo, hi = float(raw.min()), float(raw.max())
+    return out, (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)
 
 
 def _percentile_ranks(values: np.ndarray, block: int = 1 << 20) -> np.ndarray:
@@ -674,9 +674,7 @@ def _write_ome_zarr(path: Path, layers: list[tuple[str, np.ndarray, tuple[float,
 
     unit_mpp = float(mpp) if mpp else 1.0
     planes = [layer for _, layer, _ in layers]  # one channel at a time: no stacked copy
-    partial = path.with_name(path.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
+    with atomic_directory(path) as partial:
         root = zarr.open_group(partial, mode="w", zarr_format=3)
         datasets, level = [], 0
         while True:
@@ -716,12 +714,6 @@ def _write_ome_zarr(path: Path, layers: list[tuple[str, np.ndarray, tuple[float,
             },
             "gapless": extra,
         })
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(partial, path)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
 
 
 def _colour(values: np.ndarray, value_range: tuple[float, float], colormap: str) -> np.ndarray:
@@ -877,8 +869,7 @@ def heatmap_model(model, config: Mapping, store, out_dir: str | Path, sample_id:
     exists. MLflow: with ``tracking_uri`` and ``run_id`` (default: ``config["run_id"]``) the scores
     go to that run as ``heatmap/{sample}/{score}`` and the PNG under ``heatmaps/``.
     """
-    if normalisation not in NORMALISATIONS:
-        raise GaplessError(None, f"unknown normalisation {normalisation!r}", f"choose one of {', '.join(NORMALISATIONS)}")
+    _check_normalisation(normalisation)
     root, path = _open(store)
     sample_id = sample_id or (path.name.removesuffix(".zarr") if path else "sample")
     head = head or config.get("head") or type(model).__name__
@@ -905,7 +896,8 @@ def heatmap_model(model, config: Mapping, store, out_dir: str | Path, sample_id:
     values, value_range = normalise(maps, normalisation)
     scores = score_heatmap(values, maps.cell, annotations, positive_classes) if annotations is not None else {}
 
-    thumbnail = root["thumbnail"][:] if "thumbnail" in root else None
+    thumbnail = root.get("thumbnail")
+    thumbnail = None if thumbnail is None else thumbnail[:]
     paths = write_heatmap(out_dir, sample_id, head, maps, values, value_range, normalisation, classes,
                           thumbnail, scores, run_id)
     if tracking_uri and run_id:
@@ -939,8 +931,7 @@ def heatmap_sample(store, run_dirs, out_dir: str | Path, sample_id: str | None =
     sample_id: default the store's name without ``.zarr``. annotations, positive_classes,
     tracking_uri: see ``heatmap_model`` (the run id comes from each run directory's run_id.txt).
     """
-    if normalisation not in NORMALISATIONS:
-        raise GaplessError(None, f"unknown normalisation {normalisation!r}", f"choose one of {', '.join(NORMALISATIONS)}")
+    _check_normalisation(normalisation)
     root, _ = _open(store)
     if isinstance(run_dirs, Mapping):
         jobs = [(str(head), Path(d), Path(out_dir) / str(head)) for head, d in run_dirs.items()]

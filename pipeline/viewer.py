@@ -24,6 +24,7 @@ A heatmap JSON (one per head and sample) holds ``sample``, ``head``, ``run_id``,
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import math
@@ -38,7 +39,7 @@ from typing import Iterable, Sequence
 from urllib.parse import quote
 
 from pipeline.errors import GaplessError
-from pipeline.files import atomic_write_text
+from pipeline.files import atomic_directory, atomic_write, atomic_write_text
 
 __all__ = [
     "write_slide_pyramid",
@@ -110,6 +111,7 @@ def write_slide_pyramid(
     """
     import openslide
     from openslide.deepzoom import DeepZoomGenerator
+    from PIL import Image
 
     from pipeline.io import open_source
 
@@ -133,16 +135,11 @@ def write_slide_pyramid(
             modality = "brightfield"
         else:
             rgb, modality = _display_rgb(source)
-            from PIL import Image
-
             osr = openslide.ImageSlide(Image.fromarray(rgb))
 
     try:
         dz = DeepZoomGenerator(osr, tile_size=tile_size, overlap=overlap, limit_bounds=False)
-        partial = out_dir.with_name(out_dir.name + ".partial")
-        if partial.exists():  # left by a run that was killed
-            shutil.rmtree(partial)
-        try:
+        with atomic_directory(out_dir) as partial:
             files = partial / f"{DZI_NAME}_files"
             # Levels finer than `coarse` come tile by tile from the generator. `coarse` (the finest level
             # at most COARSE_MAX_SIDE px) comes from it too and is stitched into one picture, from which
@@ -156,8 +153,6 @@ def write_slide_pyramid(
             n_coarser = sum(cols * rows for cols, rows in dz.level_tiles[:coarse])
             for level in range(dz.level_count):
                 (files / str(level)).mkdir(parents=True, exist_ok=True)
-
-            from PIL import Image
 
             coarse_image = Image.new("RGB", dz.level_dimensions[coarse], (255, 255, 255))
             paste_lock = threading.Lock()
@@ -234,13 +229,6 @@ def write_slide_pyramid(
                 "tiles": len(jobs) + n_coarser,
             }
             (partial / "pyramid.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            out_dir.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(partial, out_dir)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
     finally:
         osr.close()
     return out_dir
@@ -521,9 +509,7 @@ def _copy_assets(page_dir: Path) -> None:
             raise GaplessError(src, "a viewer asset is missing from the installed package", "reinstall gapless (pip install -e .)")
         target = dest / name
         if not target.is_file() or target.read_bytes() != src.read_bytes():
-            tmp = target.with_name(target.name + ".partial")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, target)
+            atomic_write(target, functools.partial(shutil.copyfile, src))
 
 
 

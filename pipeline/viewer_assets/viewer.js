@@ -51,7 +51,6 @@
   var opacity = 0.6;
   var lastOpacity = 0.6;
   var showAnnotations = true;
-  var layout = "single";
   var panes = [];
   var active = 0;
   var selected = null; // {x, y} level-0 px of the last click
@@ -96,8 +95,32 @@
     return e;
   }
 
-  function gradient(stops) {
-    return "linear-gradient(to right, " + stops.join(", ") + ")";
+  // [bar, ticks]: a bar of class `cls` showing the head's colormap and n tick labels from lo to hi
+  function colourBar(head, cls, n) {
+    var bar = el("div", { "class": cls });
+    bar.style.background = "linear-gradient(to right, " + head.stops.join(", ") + ")";
+    var ticks = el("div", { "class": "ticks" });
+    var lo = head.range[0], hi = head.range[1];
+    for (var i = 0; i < n; i++) ticks.appendChild(el("span", null, fmtNum(lo + (hi - lo) * i / (n - 1))));
+    return [bar, ticks];
+  }
+
+  // the side-panel section `id`, emptied and titled
+  function section(id, title) {
+    var box = $(id);
+    box.innerHTML = "";
+    box.appendChild(el("h2", null, title));
+    return box;
+  }
+
+  function fact(dl, k, v) {
+    dl.appendChild(el("dt", null, k));
+    dl.appendChild(el("dd", null, v));
+  }
+
+  function indexOfHead(name) {
+    for (var i = 0; i < HEADS.length; i++) if (HEADS[i].name === name) return i;
+    return -1;
   }
 
   function positiveClass(head) {
@@ -125,20 +148,17 @@
     var entry = { img: img, state: "loading", used: frameNo, level: w.level };
     cache.set(w.key, entry);
     loading++;
-    img.onload = function () {
-      entry.state = "ok";
-      loading--;
-      stats.loaded++;
-      schedule();
-      pump();
-    };
-    img.onerror = function () {
-      entry.state = "error";
-      loading--;
-      stats.failed++;
-      schedule();
-      pump();
-    };
+    function settle(state, counter) {
+      return function () {
+        entry.state = state;
+        loading--;
+        stats[counter]++;
+        schedule();
+        pump();
+      };
+    }
+    img.onload = settle("ok", "loaded");
+    img.onerror = settle("error", "failed");
     img.src = tileUrl(w.level, w.col, w.row);
   }
 
@@ -282,9 +302,9 @@
       ctx.fillRect(sx0, sy0, Math.round(ox + W * s) - sx0, Math.round(oy + H * s) - sy0);
 
       var target = levelFor(s);
-      drawLevel(ctx, baseLevel, s, ox, oy, vis, want, seen, true);
-      for (var lv = baseLevel + 1; lv < target; lv++) drawLevel(ctx, lv, s, ox, oy, vis, null, null, false);
-      if (target > baseLevel) drawLevel(ctx, target, s, ox, oy, vis, want, seen, true);
+      drawLevel(ctx, baseLevel, s, ox, oy, vis, want, seen);
+      for (var lv = baseLevel + 1; lv < target; lv++) drawLevel(ctx, lv, s, ox, oy, vis, null, null);
+      if (target > baseLevel) drawLevel(ctx, target, s, ox, oy, vis, want, seen);
 
       drawOverlay(p, ctx, s, ox, oy, vis);
       if (showAnnotations) drawAnnotations(ctx, s, ox, oy, vis);
@@ -293,7 +313,8 @@
     updateScaleBar(p);
   }
 
-  function drawLevel(ctx, level, s, ox, oy, vis, want, seen, request) {
+  // draws the loaded tiles of `level` in view; with `want`, queues the missing ones there
+  function drawLevel(ctx, level, s, ox, oy, vis, want, seen) {
     var d = Math.pow(2, MAXL - level);
     var lw = dims[level][0], lh = dims[level][1];
     var cols = Math.ceil(lw / T), rows = Math.ceil(lh / T);
@@ -309,7 +330,7 @@
         if (e && e.state === "ok") {
           e.used = frameNo;
           drawTile(ctx, e.img, level, c, r, d, lw, lh, s, ox, oy);
-        } else if (!e && request && !seen.has(key)) {
+        } else if (!e && want && !seen.has(key)) {
           seen.add(key);
           // base tile first, then from the centre of the view outwards
           var pri = level === baseLevel ? -1 : Math.abs(c - ccx) + Math.abs(r - ccy);
@@ -458,6 +479,13 @@
     view.cy = clamp(view.cy, 0, H);
   }
 
+  function panBy(dX, dY) {
+    view.cx += dX;
+    view.cy += dY;
+    clampView();
+    schedule();
+  }
+
   function fit() {
     view.scale = fitScale();
     view.cx = W / 2;
@@ -545,16 +573,8 @@
     p.select.value = String(p.head);
     p.el.setAttribute("data-head", head.name);
     p.legend.innerHTML = "";
-    var bar = el("div", { "class": "cbar" });
-    bar.style.background = gradient(head.stops);
-    var ticks = el("div", { "class": "ticks" });
-    var lo = head.range[0], hi = head.range[1];
-    ticks.appendChild(el("span", null, fmtNum(lo)));
-    ticks.appendChild(el("span", null, fmtNum((lo + hi) / 2)));
-    ticks.appendChild(el("span", null, fmtNum(hi)));
     p.legend.appendChild(el("div", { "class": "legend-title" }, head.label + (head.normalisation ? " \u00b7 " + head.normalisation : "")));
-    p.legend.appendChild(bar);
-    p.legend.appendChild(ticks);
+    colourBar(head, "cbar", 3).forEach(function (e) { p.legend.appendChild(e); });
   }
 
   function setHead(paneIndex, headIndex) {
@@ -584,7 +604,6 @@
       heads = [current];
       active = 0;
     }
-    layout = name;
     $("layout").value = name;
     document.body.setAttribute("data-layout", name);
     buildPanes(heads);
@@ -633,10 +652,7 @@
       if (pointers.size === 1) {
         var dx = cur.x - prev.x, dy = cur.y - prev.y;
         if (gesture) gesture.moved += Math.abs(dx) + Math.abs(dy);
-        view.cx -= dx / view.scale;
-        view.cy -= dy / view.scale;
-        clampView();
-        schedule();
+        panBy(-dx / view.scale, -dy / view.scale);
       } else if (pointers.size === 2) {
         var other = null;
         pointers.forEach(function (v, id) { if (id !== ev.pointerId) other = v; });
@@ -694,10 +710,10 @@
     else if (k === "-" || k === "_") zoomCentre(0.5);
     else if (k === "0") fit();
     else if (k === "o" || k === "O") setOpacity(opacity > 0 ? 0 : lastOpacity || 0.6);
-    else if (k === "ArrowLeft") { view.cx -= step; clampView(); schedule(); }
-    else if (k === "ArrowRight") { view.cx += step; clampView(); schedule(); }
-    else if (k === "ArrowUp") { view.cy -= step; clampView(); schedule(); }
-    else if (k === "ArrowDown") { view.cy += step; clampView(); schedule(); }
+    else if (k === "ArrowLeft") panBy(-step, 0);
+    else if (k === "ArrowRight") panBy(step, 0);
+    else if (k === "ArrowUp") panBy(0, -step);
+    else if (k === "ArrowDown") panBy(0, step);
     else if (/^[1-9]$/.test(k) && Number(k) <= HEADS.length) setHead(active, Number(k) - 1);
     else return;
     ev.preventDefault();
@@ -720,39 +736,26 @@
 
   function renderLegend(i) {
     var head = HEADS[i];
-    var box = $("legend");
-    box.innerHTML = "";
-    box.appendChild(el("h2", null, head.label + " heatmap"));
+    var box = section("legend", head.label + " heatmap");
     if (head.description) box.appendChild(el("p", { "class": "muted" }, head.description));
-    var bar = el("div", { "class": "legend-bar" });
-    bar.style.background = gradient(head.stops);
-    box.appendChild(bar);
-    var ticks = el("div", { "class": "ticks" });
-    var lo = head.range[0], hi = head.range[1];
-    [lo, lo + (hi - lo) / 4, (lo + hi) / 2, lo + 3 * (hi - lo) / 4, hi].forEach(function (v) {
-      ticks.appendChild(el("span", null, fmtNum(v)));
-    });
-    box.appendChild(ticks);
+    colourBar(head, "legend-bar", 5).forEach(function (e) { box.appendChild(e); });
     var dl = el("dl", { "class": "facts" });
-    function fact(k, v) { dl.appendChild(el("dt", null, k)); dl.appendChild(el("dd", null, v)); }
-    fact("normalisation", head.normalisation || "none");
-    fact("colormap", head.colormap);
-    fact("tiles", head.tiles.length + " of " + fmtNum(head.tileExtent) + " px" +
+    fact(dl, "normalisation", head.normalisation || "none");
+    fact(dl, "colormap", head.colormap);
+    fact(dl, "tiles", head.tiles.length + " of " + fmtNum(head.tileExtent) + " px" +
       (DATA.mpp ? " (" + lengthLabel(head.tileExtent * DATA.mpp) + ")" : ""));
-    if (head.classes && head.classes.length) fact("classes", head.classes.join(", "));
-    if (head.runId) fact("run", head.runId);
-    Object.keys(head.scores || {}).forEach(function (k) { fact(k.replace(/_/g, " "), fmtNum(head.scores[k])); });
+    if (head.classes && head.classes.length) fact(dl, "classes", head.classes.join(", "));
+    if (head.runId) fact(dl, "run", head.runId);
+    Object.keys(head.scores || {}).forEach(function (k) { fact(dl, k.replace(/_/g, " "), fmtNum(head.scores[k])); });
     box.appendChild(dl);
   }
 
   function renderScores(cur) {
-    var box = $("scores");
-    box.innerHTML = "";
+    var box = section("scores", "Heads");
     var metrics = [];
     HEADS.forEach(function (h) {
       Object.keys(h.scores || {}).forEach(function (k) { if (metrics.indexOf(k) < 0) metrics.push(k); });
     });
-    box.appendChild(el("h2", null, "Heads"));
     var table = el("table", { "class": "scores" });
     var tr = el("tr");
     tr.appendChild(el("th", null, "head"));
@@ -774,9 +777,7 @@
   }
 
   function renderTileInfo() {
-    var box = $("tile-info");
-    box.innerHTML = "";
-    box.appendChild(el("h2", null, "Tile"));
+    var box = section("tile-info", "Tile");
     if (!selected) {
       box.appendChild(el("p", { "class": "muted" }, "Click on the slide to see the tile under the pointer and each head's probability."));
       return;
@@ -815,16 +816,13 @@
   }
 
   function renderInfo() {
-    var box = $("sample-info");
-    box.innerHTML = "";
-    box.appendChild(el("h2", null, "Sample"));
+    var box = section("sample-info", "Sample");
     var dl = el("dl", { "class": "facts" });
-    function fact(k, v) { dl.appendChild(el("dt", null, k)); dl.appendChild(el("dd", null, v)); }
-    fact("id", DATA.sample);
-    Object.keys(DATA.info || {}).forEach(function (k) { fact(k, DATA.info[k]); });
-    fact("size", W + " \u00d7 " + H + " px" + (DATA.mpp ? " (" + lengthLabel(W * DATA.mpp) + " \u00d7 " + lengthLabel(H * DATA.mpp) + ")" : ""));
-    if (DATA.mpp) fact("pixel", fmtNum(DATA.mpp) + " \u00b5m");
-    annotations.forEach(function (a) { fact("outlines", a.name + " (" + a.rings.length + ")"); });
+    fact(dl, "id", DATA.sample);
+    Object.keys(DATA.info || {}).forEach(function (k) { fact(dl, k, DATA.info[k]); });
+    fact(dl, "size", W + " \u00d7 " + H + " px" + (DATA.mpp ? " (" + lengthLabel(W * DATA.mpp) + " \u00d7 " + lengthLabel(H * DATA.mpp) + ")" : ""));
+    if (DATA.mpp) fact(dl, "pixel", fmtNum(DATA.mpp) + " \u00b5m");
+    annotations.forEach(function (a) { fact(dl, "outlines", a.name + " (" + a.rings.length + ")"); });
     box.appendChild(dl);
   }
 
@@ -864,9 +862,7 @@
       var i = kv.indexOf("=");
       if (i > 0) params[decodeURIComponent(kv.slice(0, i))] = decodeURIComponent(kv.slice(i + 1));
     });
-    var first = 0;
-    HEADS.forEach(function (h, i) { if (h.name === params.head) first = i; });
-    panes = [{ head: first }];
+    panes = [{ head: Math.max(0, indexOfHead(params.head)) }];
     renderInfo();
     setLayout(params.layout || "single");
     setOpacity(opacity);
@@ -877,11 +873,7 @@
     view: view,
     heads: function () { return HEADS.map(function (h) { return h.name; }); },
     panes: function () { return panes.map(function (p) { return { head: HEADS[p.head].name, width: p.w, height: p.h }; }); },
-    setHead: function (paneIndex, name) {
-      var i = -1;
-      HEADS.forEach(function (h, j) { if (h.name === name) i = j; });
-      setHead(paneIndex, i);
-    },
+    setHead: function (paneIndex, name) { setHead(paneIndex, indexOfHead(name)); },
     setLayout: setLayout,
     setOpacity: setOpacity,
     fit: fit,

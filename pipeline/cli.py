@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pipeline import __version__
 from pipeline.errors import GaplessError
+from pipeline.files import atomic_write_text
 
 log = logging.getLogger("gapless")
 
@@ -239,10 +240,9 @@ def _run_bench(args) -> None:
         bench_heads(backbone=args.backbone, image_size=args.image_size, batch_size=args.batch_size, heads=args.heads,
                     steps=args.steps, warmup=args.warmup, device=args.device, channels=args.channels, store=args.store,
                     loader_workers=args.loader_workers, loader_batches=args.loader_batches)
-        return
-    from pipeline.bench import bench_tiling
+    else:
+        from pipeline.bench import bench_tiling
 
-    if args.bench == "tiling":
         bench_tiling(
             args.slide, mpp=args.mpp, tile_size=args.tile_size, stride=args.stride, slide_mpp=args.slide_mpp,
             kind=args.kind, workers=args.workers, repeat=args.repeat,
@@ -253,8 +253,7 @@ def _run_mlflow_setup(args) -> None:
     from pipeline.tracking import setup_comparison
 
     info = setup_comparison(args.experiment, args.tracking_uri, args.results, args.run_name, args.config)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(info, indent=2) + "\n")
     print(f"mlflow: experiment {args.experiment!r} ({info['experiment_id']}) at {info['tracking_uri']}, "
           f"comparison run {info['parent_run_id']} -> {args.out}")
 
@@ -266,6 +265,26 @@ def _read_json(path: Path) -> dict:
         raise GaplessError(path, "file not found", "check the path") from None
     except json.JSONDecodeError as exc:
         raise GaplessError(path, f"not valid JSON ({exc})", "pass the JSON file written by the pipeline") from None
+
+
+def _comparison(path: Path) -> dict:
+    """The file `gapless mlflow-setup` wrote: tracking_uri, experiment_id, parent_run_id."""
+    info = _read_json(path)
+    missing = [k for k in ("tracking_uri", "experiment_id", "parent_run_id") if not info.get(k)]
+    if missing:
+        raise GaplessError(path, f"not a comparison file (no {', '.join(missing)})", "pass the JSON written by `gapless mlflow-setup`")
+    return info
+
+
+def _key_values(items: list[str], flag: str, example: str) -> dict[str, str]:
+    """``["a=1", "b=2"]`` → ``{"a": "1", "b": "2"}``; a malformed item is an error naming ``flag``."""
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise GaplessError(None, f"{flag} {item!r} is not KEY=VALUE", f"write e.g. {flag} {example}")
+        pairs[key] = value
+    return pairs
 
 
 def _run_train(args) -> None:
@@ -280,7 +299,7 @@ def _run_train(args) -> None:
         head_kwargs=args.head_kwargs,
     )
     if args.comparison:
-        comparison = _read_json(args.comparison)
+        comparison = _comparison(args.comparison)
         uri, experiment_id, parent = comparison["tracking_uri"], comparison["experiment_id"], comparison["parent_run_id"]
     else:
         from pipeline.tracking import artifact_root, prepare_tracking, tracking_uri
@@ -301,7 +320,7 @@ def _run_heatmap(args) -> None:
 
     if len(args.model) != len(args.out):
         raise GaplessError(None, f"{len(args.model)} --model but {len(args.out)} --out", "give one --out per --model")
-    uri = _read_json(args.comparison)["tracking_uri"] if args.comparison else args.tracking_uri
+    uri = _comparison(args.comparison)["tracking_uri"] if args.comparison else args.tracking_uri
     for run_dir, out in zip(args.model, args.out):
         t0 = time.perf_counter()
         result = heatmap_sample(args.store, run_dir, out, sample_id=args.sample, normalisation=args.normalisation,
@@ -318,16 +337,11 @@ def _run_report(args) -> None:
 
     uri, parent = args.tracking_uri, args.parent_run_id
     if args.comparison:
-        info = _read_json(args.comparison)
-        uri, parent = uri or info.get("tracking_uri"), parent or info.get("parent_run_id")
+        info = _comparison(args.comparison)
+        uri, parent = uri or info["tracking_uri"], parent or info["parent_run_id"]
     if not uri or not parent:
         raise GaplessError(None, "no tracking URI or comparison run", "pass --comparison, or --tracking-uri and --parent-run-id")
-    pngs = {}
-    for item in args.heatmap:
-        head, sep, png = item.partition("=")
-        if not sep or not head or not png:
-            raise GaplessError(None, f"--heatmap {item!r} is not HEAD=PNG", "e.g. --heatmap gap=results/heatmaps/gap/seed0/S1.png")
-        pngs[head] = png
+    pngs = _key_values(args.heatmap, "--heatmap", "gap=results/heatmaps/gap/seed0/S1.png")
     result = write_report(uri, parent, args.out, pngs or None, tuple(args.setting_key or DEFAULT_SETTING_KEYS),
                           log_mlflow=not args.no_mlflow)
     print(f"report: {len(result['summary'])} setting × head rows, {len(result['paired'])} paired comparisons, "
@@ -345,16 +359,10 @@ def _run_pyramid(args) -> None:
 def _run_page(args) -> None:
     from pipeline.viewer import write_sample_page
 
-    info = {}
-    for item in args.info:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise GaplessError(None, f"--info {item!r} is not KEY=VALUE", "write e.g. --info label=positive")
-        info[key] = value
+    info = _key_values(args.info, "--info", "label=positive")
     summary = write_sample_page(args.out, args.sample, args.pyramid, args.heatmap, annotations=args.annotations,
                                 info=info or None)
-    args.summary.parent.mkdir(parents=True, exist_ok=True)
-    args.summary.write_text(json.dumps({"sample": args.sample, "page": str(args.out), **summary}, indent=2) + "\n")
+    atomic_write_text(args.summary, json.dumps({"sample": args.sample, "page": str(args.out), **summary}, indent=2) + "\n")
     print(f"page: {args.sample} with {len(args.heatmap)} head(s) -> {args.out}")
 
 

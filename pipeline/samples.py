@@ -232,3 +232,26 @@ def _relative(p: Path, base: Path) -> str:
         return absolute.relative_to(base).as_posix()
     except ValueError:
         return str(absolute)
+
+
+def with_kinds(samples: Sequence[Sample], sheet: str | Path) -> list[Sample]:
+    """The samples with every blank ``kind`` inferred from the file (slide or image).
+
+    Raises ``SampleSheetError`` listing every sample whose kind cannot be told, before any work.
+    """
+    if all(s.kind is not None for s in samples):
+        return list(samples)  # nothing to infer: the readers are not even imported
+    from dataclasses import replace
+
+    from pipeline.errors import GaplessError
+    from pipeline.io import infer_kind
+
+    out, problems = [], []
+    for s in samples:
+        try:
+            out.append(s if s.kind is not None else replace(s, kind=infer_kind(s.path)))
+        except GaplessError as error:
+            problems.append(f"{s.sample_id}: {error} (or set `kind` in the sheet)")
+    if problems:
+        raise SampleSheetError(sheet, problems)
+    return out

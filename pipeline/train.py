@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import resource
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -219,18 +221,6 @@ def _plots(test: dict, classes: list[str], out: Path) -> list[Path]:
     return paths
 
 
-def flatten(config: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} → {"a.b": 1}: a nested config as MLflow params."""
-    flat = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = json.dumps(value) if isinstance(value, (list, dict)) else value
-    return flat
-
-
 def train_cohort(sheet, tiles_dir, classes, settings: "TrainSettings", out_dir, uri: str, experiment_id: str,
                  parent_run_id: str | None = None, config: dict | None = None, progress: bool = True) -> dict:
     """``train`` on the samples of a sheet whose stores are ``tiles_dir/{sample_id}.zarr``.
@@ -238,17 +228,9 @@ def train_cohort(sheet, tiles_dir, classes, settings: "TrainSettings", out_dir, 
     Samples without a ``kind`` get it from their file; a cohort sample without a store is an error
     naming the store (tile it first).
     """
-    from dataclasses import replace as dc_replace
+    from pipeline.samples import load_sample_sheet, with_kinds
 
-    from pipeline.errors import SampleSheetError
-    from pipeline.io import infer_kind
-    from pipeline.samples import load_sample_sheet
-
-    try:
-        samples = load_sample_sheet(sheet, classes)
-    except SampleSheetError as exc:
-        raise GaplessError(sheet, str(exc).splitlines()[0], "fix the sample sheet") from None
-    samples = [s if s.kind is not None else dc_replace(s, kind=infer_kind(s.path)) for s in samples]
+    samples = with_kinds(load_sample_sheet(sheet, classes), sheet)
     stores = {}
     for s in samples:
         if s.kind != settings.kind:
@@ -266,9 +248,11 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, 
     """Train ``settings.head`` on the tiles of ``samples`` (kind ``settings.kind``); return final metrics.
 
     ``stores``: sample_id → tile store path. Writes ``out_dir/weights.safetensors``, ``model.json``,
-    ``metrics.json``, ``run_id.txt`` and the plots (``roc.png``, ``confusion.png``, ``test_maps.png``),
-    and logs the same to a child run of ``parent_run_id``; ``config`` (the pipeline's resolved
-    config) is logged as ``config.*`` params beside the run's own settings.
+    ``metrics.json``, ``split.json``, ``run_id.txt`` and the plots (``roc.png``, ``confusion.png``,
+    ``test_maps.png``), and logs the same to a child run of ``parent_run_id``; ``config`` (the
+    pipeline's resolved config) is logged as ``config.*`` params beside the run's own settings.
+    The files are made in ``<out_dir>.partial`` and moved into ``out_dir`` only when the run has
+    finished, so a failed or interrupted run leaves none of them behind.
     """
     import torch
     from safetensors.torch import save_file
@@ -276,10 +260,8 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, 
 
     from pipeline import data
     from pipeline.models import create_model
-    from pipeline.tracking import RunLogger
+    from pipeline.tracking import RunLogger, flatten
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     set_determinism(settings.seed)
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -289,8 +271,9 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, 
     if not cohort:
         raise GaplessError(sheet_path, f"no samples of kind {settings.kind!r} to train on", "set train.kind to slide or image")
     splits = data.split_samples(cohort, settings.seed, settings.split_fractions)
+    split_ids = {name: sorted(s for s, v in splits.items() if v == name) for name in ("train", "val", "test")}
     table = data.build_tile_table(cohort, stores, classes)
-    parts = {name: table.for_samples([s for s, v in splits.items() if v == name]) for name in ("train", "val", "test")}
+    parts = {name: table.for_samples(ids) for name, ids in split_ids.items()}
     for name, part in parts.items():
         if len(part) == 0:
             raise GaplessError(sheet_path, f"the {name} split has no tiles", "add samples or change train.split_fractions")
@@ -309,9 +292,10 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, 
     prior = (parts["train"].class_counts() / max(1, len(parts["train"]))).tolist()
     model = create_model(settings.backbone, settings.head, len(classes), in_chans=table.channels,
                          pretrained=settings.pretrained, **settings.head_kwargs).to(device)
-    if device.type == "cuda":
+    n_parameters = sum(p.numel() for p in model.parameters())
+    if cuda:
         model = model.to(memory_format=torch.channels_last)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else (
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else (
         lambda: torch.autocast("cpu", enabled=False))
     optimiser = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps = len(train_loader)
@@ -319,24 +303,26 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, 
     warmup = round(settings.warmup_epochs * steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: cosine_with_warmup(s, warmup, total))
 
+    out_dir = Path(out_dir)
+    work = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)  # left by a run that was killed
     run = RunLogger.start(uri, experiment_id, f"{settings.head}-seed{settings.seed}", parent_run_id,
                           tags={"head": settings.head, "seed": str(settings.seed), "backbone": settings.backbone})
     try:
+        work.mkdir(parents=True)
         fingerprint = data.data_fingerprint(sheet_path, [stores[s] for s in table.sample_ids])
         params = {f"train.{k}": v for k, v in asdict(settings).items()}
         params.update({"head": settings.head, "backbone": settings.backbone, "seed": settings.seed,
                        "classes": ",".join(classes), "data_fingerprint": fingerprint, "code_version": code_version(),
                        "tiles_train": len(parts["train"]), "tiles_val": len(parts["val"]), "tiles_test": len(parts["test"]),
                        "class_prior": json.dumps([round(p, 4) for p in prior]), "modality": table.modality,
-                       "parameters": sum(p.numel() for p in model.parameters()), "device": _device_name(device),
-                       "loader_workers": workers})
-        split_ids = {name: sorted(s for s, v in splits.items() if v == name) for name in ("train", "val", "test")}
+                       "parameters": n_parameters, "device": _device_name(device), "loader_workers": workers})
         params.update({f"split.{name}": ",".join(ids) for name, ids in split_ids.items()})
         if config:
             params.update(flatten(config, "config."))
         run.params(params)
-        (out_dir / "split.json").write_text(json.dumps(split_ids, indent=2))
-        run.artifact(out_dir / "split.json")
+        (work / "split.json").write_text(json.dumps(split_ids, indent=2))
+        run.artifact(work / "split.json")
         best, best_epoch, best_state, train_images, train_seconds = -1.0, 0, None, 0, 0.0
         for epoch in range(settings.epochs):
             model.train()
@@ -346,7 +332,7 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, 
             t0 = time.perf_counter()
             for x, y, _ in bar:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if device.type == "cuda":
+                if cuda:
                     x = x.to(memory_format=torch.channels_last)
                 loss = train_step(model, x, y, optimiser, autocast, settings.grad_clip)
                 schedule.step()
@@ -372,28 +358,35 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, 
         final.update(sample_metrics(test["probs"], test["samples"], _sample_labels(parts["test"])))
         final.update({"best_val_score": best, "best_epoch": best_epoch, "train_images_per_s": train_images / max(train_seconds, 1e-9),
                       "inference_images_per_s": test["images_per_s"], "peak_memory_mb": peak_memory_mb(device),
-                      "parameters": sum(p.numel() for p in model.parameters())})
+                      "parameters": n_parameters})
         run.metrics(final, step=settings.epochs)
 
-        save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, out_dir / "weights.safetensors")
+        save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, work / "weights.safetensors")
         model_config = {"backbone": settings.backbone, "head": settings.head, "num_classes": len(classes),
                         "in_chans": table.channels, "classes": classes, "head_kwargs": settings.head_kwargs,
                         "mean": mean, "std": std, "tile_size": table.tile_size, "image_size": size,
                         "modality": table.modality, "mpp": table.mpp}
-        (out_dir / "model.json").write_text(json.dumps(model_config, indent=2))
-        (out_dir / "metrics.json").write_text(json.dumps(final, indent=2))
-        for path in [out_dir / "weights.safetensors", out_dir / "model.json", out_dir / "metrics.json"]:
+        (work / "model.json").write_text(json.dumps(model_config, indent=2))
+        (work / "metrics.json").write_text(json.dumps(final, indent=2))
+        for path in [work / "weights.safetensors", work / "model.json", work / "metrics.json"]:
             run.artifact(path, "model" if path.name != "metrics.json" else None)
-        plots = _plots(test, list(classes), out_dir)
-        plots.append(_test_map_grid(model, parts["test"], test, table.modality, make(parts["test"], False), device,
-                                    autocast, settings, out_dir / "test_maps.png"))
+        plots = _plots(test, list(classes), work)
+        plots.append(_test_map_grid(model, test, table.modality, make(parts["test"], False), device,
+                                    autocast, settings, work / "test_maps.png"))
         for path in plots:
             run.artifact(path, "plots")
+        (work / "run_id.txt").write_text(run.run_id + "\n")
         run.finish()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for path in work.iterdir():  # into place only now: run_id.txt last, it marks a finished run
+            if path.name != "run_id.txt":
+                os.replace(path, out_dir / path.name)
+        os.replace(work / "run_id.txt", out_dir / "run_id.txt")
     except BaseException:
         run.finish("FAILED")
         raise
-    (out_dir / "run_id.txt").write_text(run.run_id + "\n")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return {"run_id": run.run_id, **final}
 
 
@@ -403,7 +396,7 @@ def _device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def _test_map_grid(model, part, test: dict, modality: str, dataset, device, autocast, settings, path: Path,
+def _test_map_grid(model, test: dict, modality: str, dataset, device, autocast, settings, path: Path,
                    per_class: int = 6) -> Path:
     """A PNG grid of test tiles, each beside its positive-class contribution map overlaid.
 

@@ -1,16 +1,16 @@
 # The samples, known at parse time, and the input functions the rules use.
 # Everything that turns config into paths or command-line options lives here, so the rules stay thin.
 
+import functools
 import json
 import os
 import shlex
-from dataclasses import replace
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from pipeline.errors import GaplessError, SampleSheetError
-from pipeline.samples import Sample, load_sample_sheet
+from pipeline.errors import SampleSheetError
+from pipeline.samples import Sample, load_sample_sheet, with_kinds
 
 
 RESULTS = config["results"]
@@ -82,22 +82,9 @@ def demo_samples():
 def sheet_samples():
     """The user's samples; every problem of the sheet is listed before any job runs."""
     try:
-        samples = load_sample_sheet(config["samples"], config["classes"])
+        return with_kinds(load_sample_sheet(config["samples"], config["classes"]), config["samples"])
     except SampleSheetError as error:
         raise WorkflowError(str(error)) from None
-    if all(s.kind is not None for s in samples):
-        return samples
-    from pipeline.io import infer_kind
-
-    with_kind, problems = [], []
-    for s in samples:
-        try:
-            with_kind.append(s if s.kind is not None else replace(s, kind=infer_kind(s.path)))
-        except GaplessError as error:
-            problems.append(f"{s.sample_id}: {error} (or set `kind` in the sheet)")
-    if problems:
-        raise WorkflowError(str(SampleSheetError(config["samples"], problems)))
-    return with_kind
 
 
 _DATASET_SAMPLES = demo_samples() if DEMO_MODE else {s.sample_id: ("", s) for s in sheet_samples()}
@@ -175,11 +162,13 @@ def tile_stores(wildcards):
 # training -----------------------------------------------------------------------------------------
 
 
+def cohort_name(dataset, kind):
+    """A model is trained per cohort: a kind, prefixed by its dataset in a sweep (w01-slide)."""
+    return f"{dataset}-{kind}" if dataset else kind
+
+
 def cohort_of(sample_id):
-    """A model is trained per cohort: the sample's kind, prefixed by its dataset in a sweep."""
-    name = SAMPLE_DATASET[sample_id]
-    kind = SAMPLES[sample_id].kind
-    return f"{name}-{kind}" if name else kind
+    return cohort_name(SAMPLE_DATASET[sample_id], SAMPLES[sample_id].kind)
 
 
 def split_cohort(cohort):
@@ -188,11 +177,12 @@ def split_cohort(cohort):
     return name, kind
 
 
+@functools.cache
 def cohorts():
     """The cohorts to train: every dataset × the kinds listed in config that have samples."""
     present = {cohort_of(sample_id) for sample_id in SAMPLES}
-    return [f"{name}-{kind}" if name else kind for name in DATASETS for kind in config["train"]["kinds"]
-            if (f"{name}-{kind}" if name else kind) in present]
+    wanted = [cohort_name(name, kind) for name in DATASETS for kind in config["train"]["kinds"]]
+    return [cohort for cohort in wanted if cohort in present]
 
 
 def trained_models():
@@ -267,6 +257,7 @@ def train_options(wildcards):
 # heatmaps -----------------------------------------------------------------------------------------
 
 
+@functools.cache
 def mapped_samples():
     """Samples whose cohort has trained models: each gets heatmaps and a viewer page."""
     trained = set(cohorts())

@@ -384,7 +384,14 @@ COMMANDS = {"demo": _run_demo, "tile": _run_tile, "info": _run_info, "qc": _run_
             "index": _run_index, "report": _run_report, "bench": _run_bench}
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (Snakemake, a scheduler) cleans up like Ctrl-C: no partial output
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminated)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="gapless: %(message)s", stream=sys.stderr)
     logging.captureWarnings(True)

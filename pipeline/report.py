@@ -775,8 +775,8 @@ def write_report(tracking_uri: str, parent_run_id: str, out_dir: str | Path = "r
     """
     setting_keys = tuple(setting_keys)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     runs = collect_runs(tracking_uri, experiment_id, parent_run_id, setting_keys)
+    out.mkdir(parents=True, exist_ok=True)  # only once there is something to report
     summary = summarise(runs, setting_keys)
     paired = paired_comparison(runs, setting_keys, baseline)
     table = runs_table(runs, setting_keys)

@@ -50,8 +50,8 @@ def prepare_tracking(uri: str, experiment: str, artifacts: str | None = None) ->
     db = _sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(tracking_uri=uri)
     try:
+        client = MlflowClient(tracking_uri=uri)  # an unsupported URI fails here
         found = client.get_experiment_by_name(experiment)
         if found is not None:
             if found.lifecycle_stage == "deleted":
@@ -61,7 +61,8 @@ def prepare_tracking(uri: str, experiment: str, artifacts: str | None = None) ->
     except MlflowException as exc:
         if "RESOURCE_ALREADY_EXISTS" in str(exc.error_code):  # another process created it first
             return client.get_experiment_by_name(experiment).experiment_id
-        raise GaplessError(uri, f"MLflow backend unusable: {exc.message}", "check mlflow.tracking_uri / MLFLOW_TRACKING_URI") from None
+        cause = exc.message.strip().split(". ")[0]  # MLflow's first sentence; the rest is a docs link
+        raise GaplessError(uri, f"MLflow backend unusable: {cause}", "check mlflow.tracking_uri / MLFLOW_TRACKING_URI") from None
 
 
 def flatten(config: dict, prefix: str = "") -> dict:

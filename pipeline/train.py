@@ -228,8 +228,10 @@ def train_cohort(sheet, tiles_dir, classes, settings: "TrainSettings", out_dir, 
     Samples without a ``kind`` get it from their file; a cohort sample without a store is an error
     naming the store (tile it first).
     """
+    from pipeline.models import get_head_class
     from pipeline.samples import load_sample_sheet, with_kinds
 
+    get_head_class(settings.head)  # an unknown head fails before any data is read
     samples = with_kinds(load_sample_sheet(sheet, classes), sheet)
     stores = {}
     for s in samples:

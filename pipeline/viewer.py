@@ -76,7 +76,7 @@ _ANNOTATION_COLOURS = ("#00e5ff", "#ffe600", "#76ff03", "#ff40ff", "#ff9100", "#
 _MAX_ANNOTATION_OBJECTS = 50_000
 
 _HEATMAP_FIX = "write the heatmaps again with pipeline.heatmap (one JSON and one overlay PNG per head and sample)"
-_PYRAMID_FIX = "write the pyramid with pipeline.viewer.write_slide_pyramid"
+_PYRAMID_FIX = "write the pyramid first: gapless pyramid SLIDE --out DIR"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -714,7 +714,7 @@ def write_index(
         page_path = Path(page_path)
         if not page_path.is_file():
             raise GaplessError(page_path, f"the page of sample {sample_id!r} does not exist",
-                               "write the sample pages (write_sample_page) before the index")
+                               "write the sample pages (gapless page) before the index")
         if sample_id in seen:
             raise GaplessError(page_path, f"sample {sample_id!r} listed twice", "list each sample once")
         seen.add(sample_id)

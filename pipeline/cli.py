@@ -10,7 +10,7 @@ import time
 import warnings
 from pathlib import Path
 
-from pipeline import __version__
+from pipeline import SNAKEMAKE_MARKER_WARNING, __version__
 from pipeline.errors import GaplessError
 from pipeline.files import atomic_write_text
 
@@ -396,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="gapless: %(message)s", stream=sys.stderr)
     logging.captureWarnings(True)
     warnings.simplefilter("default")
+    warnings.filterwarnings("ignore", message=SNAKEMAKE_MARKER_WARNING)
     try:
         COMMANDS[args.command](args)
     except GaplessError as exc:

@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fractions of groups per split when the sheet has no split column (default 0.5 0.25 0.25)")
     p.add_argument("--head-kwargs", type=_json_object, default={}, help='the head\'s own options as JSON, e.g. \'{"num_heads": 2}\'')
     p.add_argument("--threads", type=int, default=2, help="CPU threads: torch threads and data-loader workers (default 2)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, default) | cuda | cpu")
     p.add_argument("--comparison", type=Path, default=None, help="JSON from `gapless mlflow-setup`: log as a child of its parent run")
     p.add_argument("--tracking-uri", default=None, help="without --comparison: MLflow URI (default sqlite:///results/mlflow.db)")
     p.add_argument("--experiment", default="gapless", help="without --comparison: experiment name (default gapless)")
@@ -133,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "class's contribution; attention: the tile probability spread by the head's attention")
     p.add_argument("--annotations", type=Path, default=None, help="GeoJSON of the positive objects for scoring (default: the one recorded at tiling)")
     p.add_argument("--positive-class", action="append", default=[], metavar="NAME", help="annotation class that counts as positive (repeatable)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, default) | cuda | cpu")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--comparison", type=Path, default=None, help="JSON from `gapless mlflow-setup`: log scores and the PNG to each model's run")
     p.add_argument("--tracking-uri", default=None, help="without --comparison: MLflow URI of the models' runs (default: no logging)")
@@ -296,7 +299,7 @@ def _run_train(args) -> None:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, grad_clip=args.grad_clip, image_size=args.image_size,
         steps_per_epoch=args.steps_per_epoch, split_fractions=tuple(args.split), threads=args.threads,
-        head_kwargs=args.head_kwargs,
+        device=args.device, head_kwargs=args.head_kwargs,
     )
     if args.comparison:
         comparison = _comparison(args.comparison)
@@ -321,11 +324,15 @@ def _run_heatmap(args) -> None:
     if len(args.model) != len(args.out):
         raise GaplessError(None, f"{len(args.model)} --model but {len(args.out)} --out", "give one --out per --model")
     uri = _comparison(args.comparison)["tracking_uri"] if args.comparison else args.tracking_uri
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     for run_dir, out in zip(args.model, args.out):
         t0 = time.perf_counter()
         result = heatmap_sample(args.store, run_dir, out, sample_id=args.sample, normalisation=args.normalisation,
                                 annotations=args.annotations, positive_classes=tuple(args.positive_class),
-                                batch_size=args.batch_size, tracking_uri=uri, progress=not args.quiet)
+                                batch_size=args.batch_size, tracking_uri=uri, progress=not args.quiet, device=args.device)
         for head, r in result.items():
             scores = ", ".join(f"{k} {v:.3f}" for k, v in r["scores"].items() if isinstance(v, float))
             print(f"heatmap: {head} ({run_dir}) on {args.store.name}: {r['tiles']} tiles, {r['canvas'][1]}×{r['canvas'][0]} "

@@ -211,9 +211,9 @@ def _check_normalisation(method: str) -> None:
 def _device(device):
     import torch
 
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    from pipeline.device import resolve_device
+
+    return device if isinstance(device, torch.device) else resolve_device(device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ class TrainSettings:
     steps_per_epoch: int | None = None  # None: one pass over the training tiles
     split_fractions: tuple[float, float, float] = (0.5, 0.25, 0.25)
     threads: int | None = None  # CPU threads for torch; None: torch's default
+    device: str = "auto"  # auto (CUDA when present) | cuda | cpu
     workers: int | None = None  # data-loader processes; None: from ``threads`` (see loader_workers)
     head_kwargs: dict = field(default_factory=dict)
 
@@ -261,13 +262,15 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, 
     from tqdm import tqdm
 
     from pipeline import data
+    from pipeline.device import resolve_device
     from pipeline.models import create_model
     from pipeline.tracking import RunLogger, flatten
 
     set_determinism(settings.seed)
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    cuda = torch.cuda.is_available()
+    device = resolve_device(settings.device)
+    cuda = device.type == "cuda"
     workers = settings.workers if settings.workers is not None else loader_workers(settings.threads, cuda)
     cohort = [s for s in samples if s.kind == settings.kind]
     if not cohort:
@@ -290,7 +293,6 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, 
     val_loader = data.make_loader(make(parts["val"], False), settings.batch_size * 2, workers)
     test_loader = data.make_loader(make(parts["test"], False), settings.batch_size * 2, workers)
 
-    device = torch.device("cuda" if cuda else "cpu")
     prior = (parts["train"].class_counts() / max(1, len(parts["train"]))).tolist()
     model = create_model(settings.backbone, settings.head, len(classes), in_chans=table.channels,
                          pretrained=settings.pretrained, **settings.head_kwargs).to(device)

@@ -72,3 +72,24 @@ def test_warmup_then_cosine():
     assert cosine_with_warmup(9, 10, 100) == pytest.approx(1.0)
     assert cosine_with_warmup(55, 10, 100) == pytest.approx(0.5)
     assert cosine_with_warmup(100, 10, 100) == pytest.approx(0.0)
+
+
+def test_device_cpu_trains_and_a_missing_gpu_is_refused_before_any_output(cohort, tmp_path):
+    import torch
+
+    from pipeline.device import resolve_device
+    from pipeline.errors import GaplessError
+
+    root, sheet, samples, stores, uri, experiment = cohort
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(GaplessError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+    settings = TrainSettings(head="gap", seed=0, epochs=1, batch_size=32, workers=0, steps_per_epoch=2, device="cpu")
+    metrics = train(samples, stores, CLASSES, settings, tmp_path / "cpu", uri, experiment, progress=False)
+    assert MlflowClient(uri).get_run(metrics["run_id"]).data.params["device"] == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(GaplessError, match="torch sees no CUDA GPU"):
+            train(samples, stores, CLASSES, TrainSettings(device="cuda", workers=0), tmp_path / "cuda", uri, experiment,
+                  progress=False)
+        assert not (tmp_path / "cuda").exists() and not (tmp_path / "cuda.partial").exists()

@@ -307,3 +307,24 @@ def test_the_benchmark_presets_are_valid_configs(tmp_path: Path) -> None:
         result = snakemake(tmp_path, "--configfile", str(DEFAULT_CONFIG), str(REPO / "config" / name), "-n", "--cores", "2")
         assert result.returncode == 0, name + output(result)
         assert job_counts(result.stdout)["train"] > 0
+
+
+def test_device_cpu_takes_no_gpu_unit_so_jobs_share_the_cores(tmp_path: Path) -> None:
+    """train.device: cpu → train and heatmap jobs ask no `gpu` resource and pass --device cpu;
+    the default (auto) asks one unit each, so `--resources gpu=1` runs one at a time."""
+    cpu = write_config(tmp_path / "cpu.yaml", {"train": {"device": "cpu", "threads": 1}, "heatmaps": {"threads": 1}})
+    runs = {
+        "auto": snakemake(tmp_path, "--configfile", str(DEFAULT_CONFIG), "-n", "-p", "--cores", "2"),
+        "cpu": snakemake(tmp_path, "--configfile", str(DEFAULT_CONFIG), str(cpu), "-n", "-p", "--cores", "2"),
+    }
+    for device, result in runs.items():
+        assert result.returncode == 0, output(result)
+        blocks = result.stdout.split("\nrule ")
+        for rule in ("train", "heatmap"):
+            jobs = [b for b in blocks if b.startswith(f"{rule}:")]
+            assert jobs, rule
+            gpu = "gpu=0" if device == "cpu" else "gpu=1"
+            assert all(gpu in b.split("resources:")[1].splitlines()[0] for b in jobs), (rule, device)
+            assert all(f"--device {device}" in b for b in jobs), (rule, device)
+        heatmaps = [b for b in blocks if b.startswith("heatmap:")]
+        assert all(f"--threads {1 if device == 'cpu' else 2}" in b for b in heatmaps)

@@ -185,6 +185,11 @@ def cohorts():
     return [cohort for cohort in wanted if cohort in present]
 
 
+# Training and heatmap jobs on a GPU take one unit of the `gpu` resource (--resources gpu=N);
+# on the CPU (train.device: cpu) they take none, and --cores alone decides how many run at once.
+GPU_UNITS = 0 if config["train"]["device"] == "cpu" else 1
+
+
 def trained_models():
     """Every run's metrics file: cohort × head × seed."""
     return [
@@ -244,6 +249,7 @@ def train_options(wildcards):
         "--backbone", t["backbone"], "--pretrained", str(t["pretrained"]).lower() if isinstance(t["pretrained"], bool) else t["pretrained"],
         "--epochs", t["epochs"], "--batch-size", t["batch_size"], "--lr", t["lr"], "--weight-decay", t["weight_decay"],
         "--warmup-epochs", t["warmup_epochs"], "--grad-clip", t["grad_clip"], "--split", *t["split"],
+        "--device", t["device"],
     ]
     for key in ("image_size", "steps_per_epoch"):
         if t.get(key):

@@ -15,9 +15,10 @@ rule heatmap:
         normalisation=config["heatmaps"]["normalisation"],
         batch_size=config["heatmaps"]["batch_size"],
         options=heatmap_options,
-    threads: 2
+        device=config["train"]["device"],
+    threads: config["heatmaps"]["threads"]
     resources:
-        gpu=1,
+        gpu=GPU_UNITS,
         mem_mb=8000,
     log:
         f"{LOGS}/heatmap/{{head}}/{{sample}}.log",
@@ -26,6 +27,7 @@ rule heatmap:
     shell:
         "gapless heatmap {input.store:q} {params.models} --sample {wildcards.sample}"
         " --normalisation {params.normalisation} --batch-size {params.batch_size}"
+        " --device {params.device} --threads {threads}"
         " --comparison {input.comparison:q} {params.options} > {log:q} 2>&1"
 
 

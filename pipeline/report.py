@@ -68,6 +68,7 @@ INTERVAL_METRICS = (
     ("pointing_game_top1", "pointing game top-1"),
     ("pointing_game_top5", "pointing game top-5"),
 )
+METRIC_RANGE = (0.0, 1.0)  # every interval metric is an AUROC or a rate
 # costs, summarised by their mean over seeds
 COST_METRICS = (
     ("parameters", "parameters"),
@@ -441,10 +442,16 @@ def _cost(x) -> str:
     return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.1f}"
 
 
-def interval_text(n: int, mean: float, lo: float, hi: float, n_seeds: int | None = None, signed: bool = False) -> str:
-    """``0.812 [0.790, 0.834]``; one value: ``0.812 (n = 1, interval undefined)``; none: ``–``."""
+def interval_text(n: int, mean: float, lo: float, hi: float, n_seeds: int | None = None, signed: bool = False,
+                  bounds: tuple[float, float] | None = None) -> str:
+    """``0.812 [0.790, 0.834]``; one value: ``0.812 (n = 1, interval undefined)``; none: ``–``.
+
+    bounds: the metric's range (e.g. 0–1 for an AUROC); the interval is shown cut to it.
+    """
     if n == 0 or not math.isfinite(mean):
         return "–"
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
     fmt = (lambda v: f"{v:+.3f}") if signed else _num
     if n < 2:
         return f"{fmt(mean)} (n = 1, interval undefined)"
@@ -494,7 +501,8 @@ def _findings(runs, summary, paired, baseline: str, setting_keys: Sequence[str])
     past = sum(int(((summary[f"{m}_ci_high"] > 1) | (summary[f"{m}_ci_low"] < 0)).sum()) for m in aurocs)
     if past:
         out.append(f"{past} AUROC interval(s) reach past 0 or 1: the t-interval does not know that AUROC is bounded, "
-                   f"another sign that there are too few seeds for a precise estimate.")
+                   f"another sign that there are too few seeds for a precise estimate (the tables and plots show "
+                   f"them cut at 0 and 1).")
     if len(paired):
         flat = paired[(paired["n_pairs"] >= 2) & (paired["sd_diff"].abs() <= 1e-12)]
         if len(flat):
@@ -545,7 +553,9 @@ def write_markdown(path: Path, runs, summary, paired, setting_keys: Sequence[str
     lines += [f"- {k}: `{v}`" for k, v in meta.items()] + [""]
     lines += ["## What the numbers show and do not show", ""]
     lines += [f"- {s}" for s in _findings(runs, summary, paired, baseline, setting_keys)] + [""]
-    lines += ["## Per setting (mean [95 % t-interval] over seeds)", ""]
+    lines += ["## Per setting (mean [95 % t-interval] over seeds)", "",
+              "Every metric here lies in [0, 1]; an interval that reaches past that is shown cut at 0 or 1 "
+              "(`summary.tsv` keeps the t-interval as computed).", ""]
     header = ["head", "seeds"] + [label for _, label in INTERVAL_METRICS] + [label for _, label in COST_METRICS]
     for setting in summary["setting"].unique():
         part = summary[summary["setting"] == setting]
@@ -553,8 +563,8 @@ def write_markdown(path: Path, runs, summary, paired, setting_keys: Sequence[str
         rows = []
         for _, r in part.iterrows():
             cells = [r["head"], f"{r['n_seeds']} ({r['seeds']})"]
-            cells += [interval_text(int(r[f"{m}_n"]), r[f"{m}_mean"], r[f"{m}_ci_low"], r[f"{m}_ci_high"], int(r["n_seeds"]))
-                      for m, _ in INTERVAL_METRICS]
+            cells += [interval_text(int(r[f"{m}_n"]), r[f"{m}_mean"], r[f"{m}_ci_low"], r[f"{m}_ci_high"], int(r["n_seeds"]),
+                                    bounds=METRIC_RANGE) for m, _ in INTERVAL_METRICS]
             cells += [_cost(r[f"{c}_mean"]) for c, _ in COST_METRICS]
             rows.append(cells)
         lines += _md_table(header, rows) + [""]
@@ -597,6 +607,13 @@ def _as_float(value: str) -> float | None:
         return None
 
 
+def _tick_label(value: float, name: str) -> str:
+    """A fraction as a percentage (0.05 → ``5 %``); any other value as written."""
+    if "fraction" in name and 0 <= value <= 1:
+        return f"{value * 100:g} %"
+    return f"{value:g}"
+
+
 def plot_metrics(summary, path: Path, setting_keys: Sequence[str] = DEFAULT_SETTING_KEYS,
                  x_key: str = WITNESS_KEY) -> Path:
     """Each interval metric against ``x_key`` (witness fraction): mean ± 95 % interval, a line per head.
@@ -626,7 +643,7 @@ def plot_metrics(summary, path: Path, setting_keys: Sequence[str] = DEFAULT_SETT
     values = [float(v) for v in xs_all] if numeric else []
     log_x = numeric and min(values) > 0 and max(values) / min(values) >= 10  # e.g. 0.001, 0.01, 0.1
     span = (np.log10(max(values) / min(values)) if log_x else max(values) - min(values)) if numeric else 0.0
-    dodge = (span or 1.0) * 0.015 if numeric else 0.06
+    dodge = (span or (abs(values[0]) if values else 0.0) or 1.0) * 0.015 if numeric else 0.06
     for g, (key, part) in enumerate(groups):
         title = ", ".join(f"{k} {v}" for k, v in zip(others, key))
         for j, (m, label) in enumerate(INTERVAL_METRICS):
@@ -644,8 +661,8 @@ def plot_metrics(summary, path: Path, setting_keys: Sequence[str] = DEFAULT_SETT
                 shift = (i - (len(heads) - 1) / 2) * dodge  # heads side by side, not on top of each other
                 x = x * 10**shift if log_x else x + shift
                 y = h[f"{m}_mean"].to_numpy(float)
-                lo = (y - h[f"{m}_ci_low"].to_numpy(float))
-                hi = (h[f"{m}_ci_high"].to_numpy(float) - y)
+                lo = (y - np.maximum(h[f"{m}_ci_low"].to_numpy(float), METRIC_RANGE[0]))
+                hi = (np.minimum(h[f"{m}_ci_high"].to_numpy(float), METRIC_RANGE[1]) - y)
                 err = np.vstack([np.nan_to_num(lo, nan=0.0), np.nan_to_num(hi, nan=0.0)])
                 ax.errorbar(x, y, yerr=err, color=colours[head], marker="o", ms=4, capsize=3, lw=1.2,
                             ls="-" if len(x) > 1 else "none", label=head)
@@ -661,12 +678,15 @@ def plot_metrics(summary, path: Path, setting_keys: Sequence[str] = DEFAULT_SETT
                 if not numeric:
                     ax.set_xticks(range(len(categories)), categories)
                     ax.set_xlim(-0.5, len(categories) - 0.5)
-                elif log_x:
-                    ax.set_xscale("log")
-                elif len(categories) == 1:
-                    c = float(categories[0])
-                    ax.set_xticks([c], [categories[0]])
-                    ax.set_xlim(c - 0.1 * (abs(c) or 1), c + 0.1 * (abs(c) or 1))
+                else:  # the same axis in every panel, ticked at the values the settings have
+                    if log_x:
+                        ax.set_xscale("log")
+                        ax.minorticks_off()
+                        ax.set_xlim(min(values) / 10 ** (span * 0.12), max(values) * 10 ** (span * 0.12))
+                    else:
+                        pad = 0.12 * (span or abs(values[0]) or 1.0)
+                        ax.set_xlim(min(values) - pad, max(values) + pad)
+                    ax.set_xticks([float(c) for c in categories], [_tick_label(float(c), x_col) for c in categories])
             else:
                 ax.set_xticks([])
                 ax.set_xlim(-0.5, 0.5)

@@ -297,3 +297,11 @@ def test_a_wrong_store_or_run_is_a_clear_error(comparison, tmp_path):
     assert not (tmp_path / "none").exists()  # not created on the way
     with pytest.raises(GaplessError, match="cannot read the comparison's runs"):
         report.collect_runs(info["tracking_uri"], parent_run_id="0" * 32)
+
+
+def test_an_interval_past_the_metric_range_is_shown_cut_at_it():
+    from pipeline.report import interval_text
+
+    assert interval_text(3, 0.9, 0.7, 1.1, bounds=(0.0, 1.0)) == "0.900 [0.700, 1.000]"
+    assert interval_text(3, 0.1, -0.4, 0.6, bounds=(0.0, 1.0)) == "0.100 [0.000, 0.600]"
+    assert interval_text(3, 0.9, 0.7, 1.1) == "0.900 [0.700, 1.100]"  # differences are not cut

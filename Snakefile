@@ -17,7 +17,7 @@ include: "pipeline/workflow/demo.smk"
 include: "pipeline/workflow/tiling.smk"
 include: "pipeline/workflow/training.smk"
 include: "pipeline/workflow/heatmaps.smk"
-include: "pipeline/workflow/report.smk"
+include: "pipeline/workflow/compare.smk"
 
 
 rule all:

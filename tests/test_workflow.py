@@ -93,7 +93,7 @@ def test_default_config_dry_run_plans_demo_tiles_and_qc(tmp_path: Path) -> None:
         "slide_pyramid": mapped,
         "sample_page": mapped,
         "heatmap_index": 1,
-        "report": 1,
+        "compare": 1,
         "total": samples + mapped * (2 + len(train["heads"])) + runs + 6,
     }
     assert not (tmp_path / "results").exists()  # a dry run makes nothing
@@ -116,7 +116,7 @@ def test_sample_sheet_config_lints_clean_and_plans_no_demo(sheet_workdir: Path) 
     runs = 1 * 5 * 2  # kinds × heads × seeds of the default config: slides only
     assert job_counts(result.stdout) == {"all": 1, "mlflow_setup": 1, "tile": 2, "tiles_qc": 1, "train": runs,
                                          "heatmap": 1 * 5, "slide_pyramid": 1, "sample_page": 1, "heatmap_index": 1,
-                                         "report": 1, "total": runs + 14}
+                                         "compare": 1, "total": runs + 14}
     shell = result.stdout
     # per-kind grids from the config defaults, the sheet's mpp and annotations as flags
     assert f"gapless tile {sheet_workdir / 'data' / 'a.svs'} --out out/tiles/a.zarr --kind slide --mpp 1.0" in shell

@@ -317,7 +317,7 @@ def page_summaries(wildcards):
     return [f"{HEATMAPS}/pages/{sample_id}.json" for sample_id in mapped_samples()]
 
 
-# report -------------------------------------------------------------------------------------------
+# compare (the report) -------------------------------------------------------------------------------------------
 
 
 def scored_heatmaps():

@@ -2,7 +2,7 @@
 # tables with intervals over seeds, each head against gap, plots; logged to the comparison run.
 
 
-rule report:
+rule compare:
     input:
         comparison=ancient(COMPARISON),
         metrics=trained_models(),
@@ -18,7 +18,7 @@ rule report:
         out=report_folder,
         heatmaps=report_heatmap_options,
     log:
-        f"{LOGS}/report.log",
+        f"{LOGS}/compare.log",
     conda:
         "../../envs/gapless.yaml"
     shell:

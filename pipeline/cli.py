@@ -291,7 +291,10 @@ def _key_values(items: list[str], flag: str, example: str) -> dict[str, str]:
 
 
 def _run_train(args) -> None:
+    from pipeline.device import resolve_device
     from pipeline.train import TrainSettings, train_cohort
+
+    resolve_device(args.device)  # a missing GPU stops here, before the MLflow store is touched
 
     pretrained = {"false": False, "true": True}.get(str(args.pretrained).lower(), args.pretrained)
     settings = TrainSettings(

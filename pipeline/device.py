@@ -18,5 +18,5 @@ def resolve_device(name: str | None = "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise GaplessError(None, f"device {name} asked for, but torch sees no CUDA GPU",
-                           "run on a GPU node, or set train.device to auto or cpu")
+                           "run on a GPU node, or choose auto or cpu (--device, or train.device in the config)")
     return torch.device(name)

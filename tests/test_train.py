@@ -93,3 +93,23 @@ def test_device_cpu_trains_and_a_missing_gpu_is_refused_before_any_output(cohort
             train(samples, stores, CLASSES, TrainSettings(device="cuda", workers=0), tmp_path / "cuda", uri, experiment,
                   progress=False)
         assert not (tmp_path / "cuda").exists() and not (tmp_path / "cuda.partial").exists()
+
+
+def test_the_command_refuses_a_missing_gpu_in_one_line_before_touching_mlflow(cohort, tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    root, sheet, *_ = cohort
+    db = tmp_path / "mlflow.db"
+    result = subprocess.run([sys.executable, "-m", "pipeline", "train", "--samples", str(sheet), "--tiles", str(root / "tiles"),
+                             "--out", str(tmp_path / "run"), "--device", "cuda", "--tracking-uri", f"sqlite:///{db}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "gapless train: error: device cuda asked for, but torch sees no CUDA GPU; run on a GPU node, "
+        "or choose auto or cpu (--device, or train.device in the config)"]
+    assert not db.exists() and not (tmp_path / "run").exists()

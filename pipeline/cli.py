@@ -43,6 +43,16 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gapless",
@@ -115,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", type=float, nargs=3, default=(0.5, 0.25, 0.25), metavar=("TRAIN", "VAL", "TEST"),
                    help="fractions of groups per split when the sheet has no split column (default 0.5 0.25 0.25)")
     p.add_argument("--head-kwargs", type=_json_object, default={}, help='the head\'s own options as JSON, e.g. \'{"num_heads": 2}\'')
-    p.add_argument("--threads", type=int, default=2, help="CPU threads: torch threads and data-loader workers (default 2)")
+    p.add_argument("--threads", type=_positive_int, default=2, help="CPU threads: torch threads and data-loader workers (default 2)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, default) | cuda | cpu")
     p.add_argument("--comparison", type=Path, default=None, help="JSON from `gapless mlflow-setup`: log as a child of its parent run")
     p.add_argument("--tracking-uri", default=None, help="without --comparison: MLflow URI (default sqlite:///results/mlflow.db)")
@@ -135,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", type=Path, default=None, help="GeoJSON of the positive objects for scoring (default: the one recorded at tiling)")
     p.add_argument("--positive-class", action="append", default=[], metavar="NAME", help="annotation class that counts as positive (repeatable)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, default) | cuda | cpu")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--comparison", type=Path, default=None, help="JSON from `gapless mlflow-setup`: log scores and the PNG to each model's run")
     p.add_argument("--tracking-uri", default=None, help="without --comparison: MLflow URI of the models' runs (default: no logging)")

@@ -113,3 +113,14 @@ def test_the_command_refuses_a_missing_gpu_in_one_line_before_touching_mlflow(co
         "gapless train: error: device cuda asked for, but torch sees no CUDA GPU; run on a GPU node, "
         "or choose auto or cpu (--device, or train.device in the config)"]
     assert not db.exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", [["train", "--samples", "s.csv", "--tiles", "t", "--out", "o"],
+                                     ["heatmap", "s.zarr", "--model", "m", "--out", "o"]])
+def test_threads_below_one_are_refused(command, capsys):
+    from pipeline.cli import build_parser
+
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args([*command, "--threads", "0"])
+    assert info.value.code == 2
+    assert "argument --threads: must be 1 or more, got 0" in capsys.readouterr().err

@@ -43,7 +43,7 @@ import numpy as np
 # scipy and Pillow are imported by the functions that render: Snakemake imports this module for
 # plan() when it parses the workflow, and they would more than double that import's time.
 from pipeline.errors import GaplessError
-from pipeline.files import atomic_write
+from pipeline.files import atomic_write, atomic_write_text
 
 __all__ = ["DemoSettings", "DemoSample", "plan", "generate"]
 
@@ -825,13 +825,6 @@ def _geojson(cells: _Cells, sample_id: str, seed: int, width: int, height: int) 
 
 
 
-def _write_text(path: Path, text: str) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-    atomic_write(path, write)
-
-
 def _scene(settings: DemoSettings, sample: DemoSample):
     """(scene, render rng) for a sample: a _SlideScene for slides, a _Cells for fields."""
     layout_rng, render_rng = _seeds(settings, sample)
@@ -850,7 +843,7 @@ def _generate_one(out: Path, settings: DemoSettings, sample: DemoSample) -> None
         data = _render_field(settings, scene, rng)
         _write_field(out / sample.path, data, settings.image_mpp, sample.sample_id, settings.seed)
         cells, w, h = scene, settings.image_size, settings.image_size
-    _write_text(out / sample.annotations, _geojson(cells, sample.sample_id, settings.seed, w, h))
+    atomic_write_text(out / sample.annotations, _geojson(cells, sample.sample_id, settings.seed, w, h), newline="")
 
 
 def generate(out: str | Path, settings: DemoSettings = DemoSettings(), progress: bool = True,
@@ -877,5 +870,5 @@ def generate(out: str | Path, settings: DemoSettings = DemoSettings(), progress:
         writer.writerow([id_prefix + getattr(s, c) if c in ("sample_id", "group") else getattr(s, c)
                          for c in _CSV_COLUMNS])
     sheet = out / "samples.csv"
-    _write_text(sheet, buf.getvalue())
+    atomic_write_text(sheet, buf.getvalue(), newline="")
     return sheet

@@ -27,9 +27,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """``atomic_write`` of UTF-8 text."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+def atomic_write_text(path: str | Path, text: str, newline: str | None = None) -> Path:
+    """``atomic_write`` of UTF-8 text; ``newline`` as for ``open`` ("" writes line endings as given)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline=newline))
 
 
 @contextmanager

@@ -92,7 +92,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import GaplessError
-from pipeline.files import atomic_directory, atomic_write
+from pipeline.files import atomic_directory, atomic_write, atomic_write_text
 
 log = logging.getLogger("gapless.heatmap")
 
@@ -845,7 +845,7 @@ def write_heatmap(out_dir: str | Path, sample_id: str, head: str, maps: Stitched
     }
     assert tuple(doc) == JSON_KEYS
     text = json.dumps(doc, allow_nan=False, separators=(",", ":"))
-    atomic_write(paths["json"], lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+    atomic_write_text(paths["json"], text + "\n")
     return paths
 
 

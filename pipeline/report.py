@@ -49,6 +49,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from pipeline.errors import GaplessError
+from pipeline.files import atomic_write, atomic_write_text
 
 log = logging.getLogger("gapless.report")
 
@@ -592,7 +593,7 @@ def write_markdown(path: Path, runs, summary, paired, setting_keys: Sequence[str
     lines.append("")
     if plots:
         lines += ["## Figures", ""] + [f"![{name}]({p.name})" for name, p in plots.items()] + [""]
-    path.write_text("\n".join(lines), encoding="utf-8")
+    atomic_write_text(path, "\n".join(lines))
     return path
 
 
@@ -699,7 +700,7 @@ def plot_metrics(summary, path: Path, setting_keys: Sequence[str] = DEFAULT_SETT
     fig.legend(handles=handles, loc="outside upper center", ncol=len(handles), fontsize=8, frameon=False,
                title="mean ± 95 % t-interval over seeds", title_fontsize=8)
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
 
@@ -733,7 +734,7 @@ def plot_heatmaps(heatmap_pngs: Mapping[str, str | Path], path: Path, title: str
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return path
 
@@ -803,7 +804,7 @@ def write_report(tracking_uri: str, parent_run_id: str, out_dir: str | Path = "r
     paths = {}
     for name, frame in (("summary", summary), ("paired", paired), ("runs", table)):
         paths[name] = out / f"{name}.tsv"
-        frame.to_csv(paths[name], sep="\t", index=False, na_rep="NaN", float_format="%.6g")
+        atomic_write(paths[name], lambda tmp: frame.to_csv(tmp, sep="\t", index=False, na_rep="NaN", float_format="%.6g"))  # noqa: B023
     plots = {"metrics vs witness fraction": plot_metrics(summary, out / "metric_vs_witness_fraction.png", setting_keys)}
     paths["metric_plot"] = plots["metrics vs witness fraction"]
     if heatmap_pngs:

@@ -7,10 +7,13 @@ from pipeline.errors import GaplessError
 DEVICES = ("auto", "cuda", "cpu")
 
 
-def resolve_device(name: str | None = "auto"):
-    """A ``torch.device`` for ``name``; ``cuda`` without a visible GPU is an error, not a silent CPU run."""
+def resolve_device(name=None):
+    """A ``torch.device`` for ``name`` (None: auto; a ``torch.device`` is returned as it is); ``cuda``
+    without a visible GPU is an error, not a silent CPU run."""
     import torch
 
+    if isinstance(name, torch.device):
+        return name
     name = (name or "auto").lower()
     if name not in DEVICES and not name.startswith("cuda:"):
         raise GaplessError(None, f"unknown device {name!r}", f"choose one of {', '.join(DEVICES)} (or cuda:N)")
@@ -20,3 +23,13 @@ def resolve_device(name: str | None = "auto"):
         raise GaplessError(None, f"device {name} asked for, but torch sees no CUDA GPU",
                            "run on a GPU node, or choose auto or cpu (--device, or train.device in the config)")
     return torch.device(name)
+
+
+def autocast_for(device):
+    """A zero-argument context factory for the forward pass on ``device``, the same in training,
+    inference and the benchmarks: bf16 autocast on CUDA, plain float32 elsewhere."""
+    import torch
+
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return lambda: torch.autocast(device.type, enabled=False)

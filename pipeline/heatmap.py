@@ -91,6 +91,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.device import autocast_for, resolve_device
 from pipeline.errors import GaplessError
 from pipeline.files import atomic_directory, atomic_write, atomic_write_text
 
@@ -196,7 +197,7 @@ def load_trained(run_dir: str | Path, device=None):
             "model.json and weights.safetensors must come from the same training run",
         )
     model.load_state_dict(state, strict=True)
-    device = _device(device)
+    device = resolve_device(device)
     model = model.to(device).eval()
     run_id_path = run_dir / "run_id.txt"
     run_id = run_id_path.read_text(encoding="utf-8").strip() if run_id_path.is_file() else ""
@@ -206,14 +207,6 @@ def load_trained(run_dir: str | Path, device=None):
 def _check_normalisation(method: str) -> None:
     if method not in NORMALISATIONS:
         raise GaplessError(None, f"unknown normalisation {method!r}", f"choose one of {', '.join(NORMALISATIONS)}")
-
-
-def _device(device):
-    import torch
-
-    from pipeline.device import resolve_device
-
-    return device if isinstance(device, torch.device) else resolve_device(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,10 +262,9 @@ def iter_tile_maps(model, config: Mapping, store, batch_size: int = 64, device=N
     transform = build_transforms(config.get("modality") or root.attrs.get("modality", "brightfield"), False,
                                  config["mean"], config["std"], image_size=config.get("image_size"),
                                  tile_size=int(tiles.shape[1]))
-    device = _device(device)
+    device = resolve_device(device)
     model = model.to(device).eval()
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else (
-        lambda: torch.autocast("cpu", enabled=False))
+    autocast = autocast_for(device)
 
     def load(start: int) -> torch.Tensor:
         block = tiles[start : start + batch_size]
@@ -352,7 +344,7 @@ def _batches(model, config: Mapping, store, batch_size: int, device, progress: b
         empty = False
         yield maps
     if empty:
-        device = _device(device)
+        device = resolve_device(device)
         t = int(root.attrs.get("tile_size") or root["tiles"].shape[1])
         size = int(config.get("image_size") or t)
         x = torch.zeros(1, len(config["mean"]), size, size, device=device)
@@ -932,6 +924,7 @@ def heatmap_sample(store, run_dirs, out_dir: str | Path, sample_id: str | None =
     tracking_uri: see ``heatmap_model`` (the run id comes from each run directory's run_id.txt).
     """
     _check_normalisation(normalisation)
+    device = resolve_device(device)  # once for every model
     root, _ = _open(store)
     if isinstance(run_dirs, Mapping):
         jobs = [(str(head), Path(d), Path(out_dir) / str(head)) for head, d in run_dirs.items()]

@@ -262,7 +262,7 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, 
     from tqdm import tqdm
 
     from pipeline import data
-    from pipeline.device import resolve_device
+    from pipeline.device import autocast_for, resolve_device
     from pipeline.models import create_model
     from pipeline.tracking import RunLogger, flatten
 
@@ -299,8 +299,7 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, 
     n_parameters = sum(p.numel() for p in model.parameters())
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else (
-        lambda: torch.autocast("cpu", enabled=False))
+    autocast = autocast_for(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps = len(train_loader)
     total = steps * settings.epochs

@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pipeline.device import autocast_for, resolve_device
 from pipeline.errors import GaplessError
 
 __all__ = ["bench_heads"]
@@ -62,7 +63,7 @@ def bench_heads(backbone="resnet50", image_size=224, batch_size=64, heads=None, 
     names = ["gap", *dict.fromkeys(n for n in names if n != "gap")]
     _check_settings(backbone, image_size, batch_size, steps, warmup, channels, loader_batches, loader_workers)
     stores = _store_list(store)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     cuda = dev.type == "cuda"
@@ -218,7 +219,7 @@ def _bench_one(backbone: str, head: str, dev, channels: int, image_size: int, ba
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     optimiser = torch.optim.AdamW(model.parameters(), lr=defaults.lr, weight_decay=defaults.weight_decay)
-    autocast: Callable = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    autocast = autocast_for(dev)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, channels, image_size, image_size, generator=generator).to(dev)
     y = torch.randint(0, len(_CLASSES), (batch_size,), generator=generator).to(dev)

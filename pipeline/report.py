@@ -50,13 +50,14 @@ import numpy as np
 
 from pipeline.errors import GaplessError
 from pipeline.files import atomic_write, atomic_write_text
+from pipeline.tracking import PARAM_LIMIT, sqlite_path
+from pipeline.viewer import head_sort_key
 
 log = logging.getLogger("gapless.report")
 
 DEFAULT_SETTING_KEYS = ("train.kind", "config.demo.witness_fraction", "config.demo.cell_density")
 WITNESS_KEY = "config.demo.witness_fraction"
 BASELINE = "gap"
-HEAD_ORDER = ("gap", "cbam", "attnpool", "saol", "max")
 CONFIDENCE = 0.95
 NA = "n/a"
 
@@ -206,14 +207,7 @@ def _value_sort_key(value) -> tuple:
 
 def head_order(heads) -> list[str]:
     """The baseline first, then the known heads in their usual order, then any other alphabetically."""
-    heads = set(heads)
-    known = [h for h in HEAD_ORDER if h in heads]
-    return known + sorted(heads - set(known))
-
-
-def _head_rank(head: str) -> int:
-    """The head's place in HEAD_ORDER; any other head after them all."""
-    return HEAD_ORDER.index(head) if head in HEAD_ORDER else len(HEAD_ORDER)
+    return sorted(set(heads), key=head_sort_key)
 
 
 def _demo_applies(params: Mapping[str, str]) -> bool:
@@ -248,7 +242,7 @@ def localisation_scores(metrics: Mapping[str, float], samples: set[str] | None =
 def _test_samples(params: Mapping[str, str]) -> set[str] | None:
     """The run's test-split sample ids (param ``split.test``, logged by training), or None when absent."""
     value = params.get("split.test")
-    if not value or len(value) >= 6000:  # absent, or cut at MLflow's param limit: not trustworthy
+    if not value or len(value) >= PARAM_LIMIT:  # absent, or cut at MLflow's param limit: not trustworthy
         return None
     return set(value.split(","))
 
@@ -266,7 +260,8 @@ def collect_runs(tracking_uri: str, experiment_id: str | None = None, parent_run
     """
     from mlflow.exceptions import MlflowException
 
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
+    db = sqlite_path(tracking_uri)
+    if db is not None and not db.is_file():
         raise GaplessError(tracking_uri, "no MLflow database there",  # MLflow would create an empty one
                            "pass the tracking URI the heads were trained with (mlflow.tracking_uri or MLFLOW_TRACKING_URI)")
     client = _client(tracking_uri)
@@ -332,7 +327,7 @@ def collect_runs(tracking_uri: str, experiment_id: str | None = None, parent_run
         listed = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
         raise GaplessError(tracking_uri, f"none of the {len(runs)} runs under {where} finished ({listed})",
                            "see the training logs (results/logs/train) and rerun the failed jobs")
-    runs.sort(key=lambda x: (x["setting"], _head_rank(x["head"]), _value_sort_key(x["seed"]), x["start_time"]))
+    runs.sort(key=lambda x: (x["setting"], head_sort_key(x["head"]), _value_sort_key(x["seed"]), x["start_time"]))
     return runs
 
 
@@ -469,7 +464,7 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]
 
 def _row_setting(row, setting_keys: Sequence[str]) -> str:
     """The setting of a summary or paired row, for people (``kind slide, witness_fraction 0.05, …``)."""
-    return ", ".join(f"{short_name(k)} {row[short_name(k)]}" for k in setting_keys)
+    return setting_text([row[short_name(k)] for k in setting_keys], setting_keys)
 
 
 def _findings(runs, summary, paired, baseline: str, setting_keys: Sequence[str]) -> list[str]:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from pipeline.errors import GaplessError
 
+PARAM_LIMIT = 6000  # characters MLflow keeps of a param value; longer values are cut
+
 log = logging.getLogger("gapless.tracking")
 
 
@@ -38,7 +40,8 @@ def artifact_root(results: str | Path = "results") -> str:
     return (Path(results).resolve() / "mlartifacts").as_uri()
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI; None for any other URI."""
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
@@ -47,7 +50,7 @@ def prepare_tracking(uri: str, experiment: str, artifacts: str | None = None) ->
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -118,7 +121,7 @@ class RunLogger:
     def params(self, params: dict) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+        items = [Param(k, str(v)[:PARAM_LIMIT]) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
             retry_locked(self.client.log_batch)(self.run_id, params=items[i : i + 100])
 

@@ -452,7 +452,8 @@ def _colormap_stops(name: str, path: Path, n: int = 17) -> list[str]:
     return out
 
 
-def _head_key(name: str) -> tuple:
+def head_sort_key(name: str) -> tuple:
+    """The known heads in their usual order (HEAD_LABELS, gap first), then any other by name."""
     order = list(HEAD_LABELS)
     return (order.index(name) if name in order else len(order), name)
 
@@ -574,7 +575,7 @@ def write_sample_page(
                 f"{pyr['width']}×{pyr['height']} px",
                 "build the pyramid from the same slide (level 0) the heatmap was computed on",
             )
-    heads.sort(key=lambda h: _head_key(h["head"]))
+    heads.sort(key=lambda h: head_sort_key(h["head"]))
     mpp = next((h["mpp"] for h in heads if h["mpp"] is not None), pyr.get("mpp"))
     thumb = _thumbnail_tile(pyr)
     ann = _load_annotations(Path(annotations)) if annotations is not None else []
@@ -736,7 +737,7 @@ def write_index(
             for h in r[2].values():
                 h.pop(m, None)
 
-    head_names = sorted({h for r in rows for h in r[2]}, key=_head_key)
+    head_names = sorted({h for r in rows for h in r[2]}, key=head_sort_key)
     metrics = {h: sorted({m for r in rows for m in r[2].get(h, {})}) for h in head_names}
     all_metrics = sorted({m for h in head_names for m in metrics[h]})
     info_cols = []

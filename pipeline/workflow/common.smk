@@ -38,6 +38,11 @@ def dataset_folder(name):
     return config["demo"]["out"] if not name else f"{config['demo']['out']}/{name}"
 
 
+def dataset_prefix(name):
+    """What a sweep dataset's name puts before its sample ids and groups (`w01-`); nothing otherwise."""
+    return f"{name}-" if name else ""
+
+
 def dataset_sheet(name):
     """The sample sheet a dataset's samples are read from: the user's, or the demo's."""
     return f"{dataset_folder(name)}/samples.csv" if DEMO_MODE else config["samples"]
@@ -65,7 +70,7 @@ def demo_samples():
     samples = {}
     for name, settings in DATASETS.items():
         out = Path(dataset_folder(name))
-        prefix = f"{name}-" if name else ""
+        prefix = dataset_prefix(name)
         for s in plan(DemoSettings(**settings)):
             sample = Sample(
                 sample_id=prefix + s.sample_id,
@@ -112,6 +117,7 @@ def demo_files(name):
 
 
 def demo_folder(wildcards, output):
+    """The dataset's folder, from its sheet's path (a function, so the linter sees no path in params)."""
     return os.path.dirname(output.sheet)
 
 
@@ -320,6 +326,11 @@ def page_summaries(wildcards):
 # compare (the report) -------------------------------------------------------------------------------------------
 
 
+def report_folder(wildcards, output):
+    """results/report, from an output's path (a function, so the linter sees no path in params)."""
+    return os.path.dirname(output.summary)
+
+
 def scored_heatmaps():
     """Every heatmap of every seed: their scores are in MLflow before the report reads it."""
     return [
@@ -328,10 +339,6 @@ def scored_heatmaps():
         for seed in config["train"]["seeds"]
         for sample_id in mapped_samples()
     ]
-
-
-def report_folder(wildcards, output):
-    return os.path.dirname(output.summary)
 
 
 def report_heatmap_options(wildcards):

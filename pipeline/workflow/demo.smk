@@ -4,10 +4,11 @@
 
 if DEMO_MODE:
     for dataset, settings in DATASETS.items():
+        demo_rule = f"demo_{dataset}" if dataset else "demo"
 
         rule:
             name:
-                f"demo_{dataset}" if dataset else "demo"
+                demo_rule
             output:
                 files=demo_files(dataset),
                 sheet=dataset_sheet(dataset),
@@ -24,9 +25,9 @@ if DEMO_MODE:
                 witness_fraction=settings["witness_fraction"],
                 lesions=settings["lesions"],
                 seed=settings["seed"],
-                prefix=shlex.join(["--id-prefix", f"{dataset}-"]) if dataset else "",
+                prefix=shlex.join(["--id-prefix", dataset_prefix(dataset)]) if dataset else "",
             log:
-                f"{LOGS}/demo_{dataset}.log" if dataset else f"{LOGS}/demo.log",
+                f"{LOGS}/{demo_rule}.log",
             conda:
                 "../../envs/gapless.yaml"
             shell:

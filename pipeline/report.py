@@ -247,12 +247,12 @@ def _test_samples(params: Mapping[str, str]) -> set[str] | None:
     return set(value.split(","))
 
 
-def collect_runs(tracking_uri: str, experiment_id: str | None = None, parent_run_id: str | Sequence[str] | None = None,
-                 setting_keys: Sequence[str] = DEFAULT_SETTING_KEYS) -> list[dict]:
-    """Every child run of ``parent_run_id`` (one id or several), one dict each, counted or skipped.
+def collect_runs(tracking_uri: str, parent_run_id: str, setting_keys: Sequence[str] = DEFAULT_SETTING_KEYS,
+                 experiment_id: str | None = None) -> list[dict]:
+    """Every child run of the comparison run ``parent_run_id``, one dict each, counted or skipped.
 
-    Without ``parent_run_id``: every run of ``experiment_id`` tagged with a ``head`` (the training
-    runs, whatever their parent). Each dict: ``run_id``, ``run_name``, ``status``, ``parent_run_id``,
+    ``experiment_id``: the parent's experiment when known (saves looking it up). Each dict:
+    ``run_id``, ``run_name``, ``status``, ``parent_run_id``,
     ``head``, ``seed``, ``setting`` (tuple of values of ``setting_keys``), the settings by short name,
     the final metrics (FINAL_METRICS, None when absent), the localisation means
     (``localisation_scores``), ``start_time`` and ``skip_reason`` (None for a run that counts).
@@ -265,21 +265,12 @@ def collect_runs(tracking_uri: str, experiment_id: str | None = None, parent_run
         raise GaplessError(tracking_uri, "no MLflow database there",  # MLflow would create an empty one
                            "pass the tracking URI the heads were trained with (mlflow.tracking_uri or MLFLOW_TRACKING_URI)")
     client = _client(tracking_uri)
-    parents = [parent_run_id] if isinstance(parent_run_id, str) else list(parent_run_id or [])
-    if not parents and experiment_id is None:
-        raise GaplessError(None, "no comparison run and no experiment to report on",
-                           "pass the parent run id (results/mlflow/comparison.json) or an experiment id")
     try:
-        if parents:
-            found = []
-            for parent in parents:
-                exp = experiment_id or client.get_run(parent).info.experiment_id
-                found += _search_all(client, [exp], f"tags.mlflow.parentRunId = '{parent}'")
-        else:
-            found = [r for r in _search_all(client, [experiment_id], "") if "head" in r.data.tags or "head" in r.data.params]
+        experiment_id = experiment_id or client.get_run(parent_run_id).info.experiment_id
+        found = _search_all(client, [experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
     except MlflowException as exc:
         raise _mlflow_error(tracking_uri, "cannot read the comparison's runs", exc) from None
-    where = f"comparison run {', '.join(parents)}" if parents else f"experiment {experiment_id}"
+    where = f"comparison run {parent_run_id}"
     if not found:
         raise GaplessError(tracking_uri, f"no runs under {where}",
                            "train the heads first (snakemake / gapless train --comparison), or pass the right parent run id")
@@ -791,7 +782,7 @@ def write_report(tracking_uri: str, parent_run_id: str, out_dir: str | Path = "r
     """
     setting_keys = tuple(setting_keys)
     out = Path(out_dir)
-    runs = collect_runs(tracking_uri, experiment_id, parent_run_id, setting_keys)
+    runs = collect_runs(tracking_uri, parent_run_id, setting_keys, experiment_id)
     out.mkdir(parents=True, exist_ok=True)  # only once there is something to report
     summary = summarise(runs, setting_keys)
     paired = paired_comparison(runs, setting_keys, baseline)

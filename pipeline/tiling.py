@@ -224,6 +224,15 @@ def _serve(source: Source, report=None, next_shard=None) -> None:
     _worker["write_config"] = tile_write_config()
 
 
+def _cut_here(source: Source, report, next_shard, cut, *args) -> ChannelStats:
+    """Cut in this process: ``cut(*args)`` reading ``source``, with ``_worker`` set up only meanwhile."""
+    _serve(source, report, next_shard)
+    try:
+        return cut(*args)
+    finally:
+        _worker.clear()
+
+
 def _tiles(tiles_path: str):
     """This process's writer handle on the tile array, opened on first use (helpers start before it exists)."""
     import zarr
@@ -329,11 +338,7 @@ class _Helpers:
         relay_thread.start()
         try:
             futures = [self.pool.submit(_cut_claimed, tiles_path, n_shards, *job) for _ in range(helpers)]
-            _serve(source, self.progress.put, self.next_shard)
-            try:
-                stats = _cut_claimed(tiles_path, n_shards, *job)
-            finally:
-                _worker.clear()
+            stats = _cut_here(source, self.progress.put, self.next_shard, _cut_claimed, tiles_path, n_shards, *job)
             for future in futures:
                 stats.merge(future.result())
             # their work is done: they exit while this process writes the attrs
@@ -515,7 +520,6 @@ def tile_source(
             tile_bytes = T * T * channels * dtype.itemsize
             workers = effective_workers(workers, n)
             per_shard = shard_tiles(n, tile_bytes, workers)
-            stats = ChannelStats(channels, _histogram_bins(dtype))
 
             root = zarr.open_group(partial, mode="w", zarr_format=3)
             root.create_array(  # filled shard by shard by the cutting processes, each with its own handle
@@ -533,13 +537,9 @@ def tile_source(
             job = (per_shard, coords, grid.level, grid.read_size, T)
             tiles_path = str(partial / "tiles")
             if workers == 1 or n_shards == 1:
-                _serve(source, bar.update)
-                try:
-                    stats.merge(_cut_shards(tiles_path, range(0, n, per_shard), *job))
-                finally:
-                    _worker.clear()
+                stats = _cut_here(source, bar.update, None, _cut_shards, tiles_path, range(0, n, per_shard), *job)
             else:
-                stats.merge(helpers.cut(source, workers - 1, tiles_path, n_shards, job, bar))
+                stats = helpers.cut(source, workers - 1, tiles_path, n_shards, job, bar)
             bar.close()
 
             seconds = time.perf_counter() - start_time

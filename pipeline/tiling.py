@@ -461,131 +461,135 @@ def tile_source(
 
         annotations = load_annotations(settings.annotations)  # fail on bad annotations before any work
 
-    # the store is built in <out>.partial and replaces out (with --overwrite) only once complete
-    with atomic_directory(out) as partial:
-        helpers = _Helpers()  # none unless the grid has work for more than one process
-        source = open_source(path, settings.kind)  # for the overview, then this process cuts from it too
-        try:
-            source_mpp, mpp_source = source.resolve_mpp(settings.slide_mpp)
-            grid = plan_grid(source, source_mpp, settings.mpp, settings.tile_size, settings.stride)
-            if grid.columns == 0 or grid.rows == 0:
-                raise GaplessError(
-                    path,
-                    f"smaller than one tile: {source.dimensions[0]}×{source.dimensions[1]} px at {source_mpp:.3g} µm/px "
-                    f"cannot hold a {settings.tile_size}-px tile at {settings.mpp:.3g} µm/px",
-                    "use a smaller --tile-size or a coarser --mpp",
-                )
-            # helpers start now: their start-up overlaps the overview and tissue mask below
-            helpers.start(path, source.kind, effective_workers(workers, grid.columns * grid.rows) - 1)
-            W, H = source.dimensions
-            # One overview read serves both the tissue mask (~16 px per tile) and the thumbnail (≤ 1024 px).
-            mask_ds = max(1.0, grid.extent / MASK_PX_PER_TILE, max(W, H) / MASK_MAX_SIDE)
-            thumb_ds = max(1.0, max(W, H) / THUMBNAIL_MAX_SIDE)
-            overview, overview_ds = read_overview(source, min(mask_ds, thumb_ds))
-            modality = detect_modality(overview) if settings.tissue in ("auto", "none") else settings.tissue
-            method = modality if settings.tissue == "auto" else settings.tissue
-            mask_src, mask_px = _shrink(overview, overview_ds, mask_ds, (W, H))
-            mask = tissue_mask(mask_src, method, px_size_um=source_mpp * mask_px[0])
-            all_coords = grid.coords()
-            all_fractions = tissue_fractions(mask, mask_px, all_coords, grid.extent)
-            keep = all_fractions >= settings.min_tissue
-            coords, fractions = all_coords[keep], all_fractions[keep]
-            n = len(coords)
-            qc_flag = None
-            if n == 0:
-                cause = (
-                    f"no tissue found: 0 of {len(all_coords)} tiles have at least {settings.min_tissue:.0%} tissue "
-                    f"({method} mask covers {mask.mean():.1%} of the image)"
-                )
-                if not settings.allow_empty:
-                    raise GaplessError(
-                        path, cause,
-                        "check the image, lower --min-tissue, set --tissue brightfield|fluorescence|none, "
-                        "or pass --allow-empty to keep a flagged empty store",
-                    )
-                log.warning("%s: %s; writing an empty store flagged 'no tissue'", path, cause)
-                qc_flag = "no tissue"
-
-            labels = np.full(n, -1, dtype=np.int8)
-            if annotations is not None:
-                from pipeline.annotations import tile_labels
-
-                labels = tile_labels(annotations, coords, grid.extent, settings.positive_classes, (W, H))
-
-            thumb_src, thumb_px = _shrink(overview, overview_ds, thumb_ds, (W, H))
-            thumbnail = to_display_rgb(thumb_src, modality)
-            channels, dtype = source.channels, source.dtype
-
-            T = settings.tile_size
-            tile_bytes = T * T * channels * dtype.itemsize
-            workers = effective_workers(workers, n)
-            per_shard = shard_tiles(n, tile_bytes, workers)
-
-            root = zarr.open_group(partial, mode="w", zarr_format=3)
-            root.create_array(  # filled shard by shard by the cutting processes, each with its own handle
-                "tiles", shape=(n, T, T, channels), chunks=(1, T, T, channels), shards=(per_shard, T, T, channels),
-                dtype=dtype, fill_value=0, compressors=tile_codecs(dtype), dimension_names=["tile", "y", "x", "c"],
+    helpers = _Helpers()  # none unless the grid has work for more than one process
+    source = open_source(path, settings.kind)  # for the overview, then this process cuts from it too
+    try:
+        source_mpp, mpp_source = source.resolve_mpp(settings.slide_mpp)
+        grid = plan_grid(source, source_mpp, settings.mpp, settings.tile_size, settings.stride)
+        if grid.columns == 0 or grid.rows == 0:
+            raise GaplessError(
+                path,
+                f"smaller than one tile: {source.dimensions[0]}×{source.dimensions[1]} px at {source_mpp:.3g} µm/px "
+                f"cannot hold a {settings.tile_size}-px tile at {settings.mpp:.3g} µm/px",
+                "use a smaller --tile-size or a coarser --mpp",
             )
-            root.create_array("coords", data=coords.astype(np.int64), chunks=(max(n, 1), 2), dimension_names=["tile", "xy"])
-            root.create_array("tissue", data=fractions.astype(np.float32), chunks=(max(n, 1),), dimension_names=["tile"])
-            root.create_array("labels", data=labels, chunks=(max(n, 1),), dimension_names=["tile"])
-            root.create_array("thumbnail", data=thumbnail, chunks=thumbnail.shape, dimension_names=["y", "x", "rgb"])
-            root.create_array("tissue_mask", data=mask.astype(np.uint8), chunks=mask.shape, dimension_names=["y", "x"])
+        # helpers start now: their start-up overlaps the overview and tissue mask below
+        helpers.start(path, source.kind, effective_workers(workers, grid.columns * grid.rows) - 1)
+        W, H = source.dimensions
+        # One overview read serves both the tissue mask (~16 px per tile) and the thumbnail (≤ 1024 px).
+        mask_ds = max(1.0, grid.extent / MASK_PX_PER_TILE, max(W, H) / MASK_MAX_SIDE)
+        thumb_ds = max(1.0, max(W, H) / THUMBNAIL_MAX_SIDE)
+        overview, overview_ds = read_overview(source, min(mask_ds, thumb_ds))
+        modality = detect_modality(overview) if settings.tissue in ("auto", "none") else settings.tissue
+        method = modality if settings.tissue == "auto" else settings.tissue
+        mask_src, mask_px = _shrink(overview, overview_ds, mask_ds, (W, H))
+        mask = tissue_mask(mask_src, method, px_size_um=source_mpp * mask_px[0])
+        all_coords = grid.coords()
+        all_fractions = tissue_fractions(mask, mask_px, all_coords, grid.extent)
+        keep = all_fractions >= settings.min_tissue
+        coords, fractions = all_coords[keep], all_fractions[keep]
+        n = len(coords)
+        qc_flag = None
+        if n == 0:
+            cause = (
+                f"no tissue found: 0 of {len(all_coords)} tiles have at least {settings.min_tissue:.0%} tissue "
+                f"({method} mask covers {mask.mean():.1%} of the image)"
+            )
+            if not settings.allow_empty:
+                raise GaplessError(
+                    path, cause,
+                    "check the image, lower --min-tissue, set --tissue brightfield|fluorescence|none, "
+                    "or pass --allow-empty to keep a flagged empty store",
+                )
+            log.warning("%s: %s; writing an empty store flagged 'no tissue'", path, cause)
+            qc_flag = "no tissue"
 
-            n_shards = math.ceil(n / per_shard)
-            bar = _progress(n, f"tiling {path.name}", progress)
-            job = (per_shard, coords, grid.level, grid.read_size, T)
-            tiles_path = str(partial / "tiles")
-            if workers == 1 or n_shards == 1:
-                stats = _cut_here(source, bar.update, None, _cut_shards, tiles_path, range(0, n, per_shard), *job)
-            else:
-                stats = helpers.cut(source, workers - 1, tiles_path, n_shards, job, bar)
-            bar.close()
+        labels = np.full(n, -1, dtype=np.int8)
+        if annotations is not None:
+            from pipeline.annotations import tile_labels
 
-            seconds = time.perf_counter() - start_time
-            attrs = {
-                "schema": SCHEMA,
-                "source": str(path.resolve()),
-                "format": source.format,
-                "kind": source.kind,
-                "channel_names": list(source.channel_names),
-                "modality": modality,
-                "tissue_method": method,
-                "mpp": grid.tile_mpp,
-                "source_mpp": source_mpp,
-                "mpp_source": mpp_source,
-                "target_mpp": settings.mpp,
-                "level": grid.level,
-                "downsample": grid.downsample,
-                "read_size": grid.read_size,
-                "tile_size": T,
-                "stride": grid.stride,
-                "tile_extent": grid.extent,
-                "tile_step": grid.step,
-                "grid": [grid.columns, grid.rows],
-                "width": W,
-                "height": H,
-                "channels": channels,
-                "dtype": dtype.name,
-                "channel_stats": stats.summary(source.channel_names),
-                "min_tissue": settings.min_tissue,
-                "tissue_area_fraction": round(float(mask.mean()), 4),
-                "n_tiles": n,
-                "tiles_per_shard": per_shard,
-                "workers": workers,
-                "annotations": str(Path(settings.annotations).resolve()) if settings.annotations else None,
-                "positive_classes": list(settings.positive_classes),
-                "n_positive": int((labels == 1).sum()),
-                "thumbnail_downsample": list(thumb_px),
-                "tissue_mask_downsample": list(mask_px),
-                "qc_flag": qc_flag,
-                "seconds": round(seconds, 3),
-                "tool_version": __version__,
-            }
-            root.attrs.update(attrs)
-        finally:
-            helpers.close()  # before a failed store is removed: no helper may still be writing
-            source.close()
+            labels = tile_labels(annotations, coords, grid.extent, settings.positive_classes, (W, H))
+
+        thumb_src, thumb_px = _shrink(overview, overview_ds, thumb_ds, (W, H))
+        thumbnail = to_display_rgb(thumb_src, modality)
+        channels, dtype = source.channels, source.dtype
+
+        T = settings.tile_size
+        tile_bytes = T * T * channels * dtype.itemsize
+        workers = effective_workers(workers, n)
+        per_shard = shard_tiles(n, tile_bytes, workers)
+
+        # the store is built in <out>.partial and replaces out (with --overwrite) only once complete
+        with atomic_directory(out) as partial:
+            try:
+                root = zarr.open_group(partial, mode="w", zarr_format=3)
+                root.create_array(  # filled shard by shard by the cutting processes, each with its own handle
+                    "tiles", shape=(n, T, T, channels), chunks=(1, T, T, channels), shards=(per_shard, T, T, channels),
+                    dtype=dtype, fill_value=0, compressors=tile_codecs(dtype), dimension_names=["tile", "y", "x", "c"],
+                )
+                root.create_array("coords", data=coords.astype(np.int64), chunks=(max(n, 1), 2), dimension_names=["tile", "xy"])
+                root.create_array("tissue", data=fractions.astype(np.float32), chunks=(max(n, 1),), dimension_names=["tile"])
+                root.create_array("labels", data=labels, chunks=(max(n, 1),), dimension_names=["tile"])
+                root.create_array("thumbnail", data=thumbnail, chunks=thumbnail.shape, dimension_names=["y", "x", "rgb"])
+                root.create_array("tissue_mask", data=mask.astype(np.uint8), chunks=mask.shape, dimension_names=["y", "x"])
+
+                n_shards = math.ceil(n / per_shard)
+                bar = _progress(n, f"tiling {path.name}", progress)
+                job = (per_shard, coords, grid.level, grid.read_size, T)
+                tiles_path = str(partial / "tiles")
+                if workers == 1 or n_shards == 1:
+                    stats = _cut_here(source, bar.update, None, _cut_shards, tiles_path, range(0, n, per_shard), *job)
+                else:
+                    stats = helpers.cut(source, workers - 1, tiles_path, n_shards, job, bar)
+                bar.close()
+
+                seconds = time.perf_counter() - start_time
+                attrs = {
+                    "schema": SCHEMA,
+                    "source": str(path.resolve()),
+                    "format": source.format,
+                    "kind": source.kind,
+                    "channel_names": list(source.channel_names),
+                    "modality": modality,
+                    "tissue_method": method,
+                    "mpp": grid.tile_mpp,
+                    "source_mpp": source_mpp,
+                    "mpp_source": mpp_source,
+                    "target_mpp": settings.mpp,
+                    "level": grid.level,
+                    "downsample": grid.downsample,
+                    "read_size": grid.read_size,
+                    "tile_size": T,
+                    "stride": grid.stride,
+                    "tile_extent": grid.extent,
+                    "tile_step": grid.step,
+                    "grid": [grid.columns, grid.rows],
+                    "width": W,
+                    "height": H,
+                    "channels": channels,
+                    "dtype": dtype.name,
+                    "channel_stats": stats.summary(source.channel_names),
+                    "min_tissue": settings.min_tissue,
+                    "tissue_area_fraction": round(float(mask.mean()), 4),
+                    "n_tiles": n,
+                    "tiles_per_shard": per_shard,
+                    "workers": workers,
+                    "annotations": str(Path(settings.annotations).resolve()) if settings.annotations else None,
+                    "positive_classes": list(settings.positive_classes),
+                    "n_positive": int((labels == 1).sum()),
+                    "thumbnail_downsample": list(thumb_px),
+                    "tissue_mask_downsample": list(mask_px),
+                    "qc_flag": qc_flag,
+                    "seconds": round(seconds, 3),
+                    "tool_version": __version__,
+                }
+                root.attrs.update(attrs)
+            except BaseException:
+                helpers.close()  # before the partial store is removed: no helper may still be writing
+                raise
+    finally:
+        helpers.close()
+        source.close()
     return TileResult(out, n, seconds, attrs)
 
 

@@ -241,7 +241,7 @@ def test_tile_labels_from_annotations(tmp_path):
     ],
 )
 def test_bad_input_one_line_nonzero_nothing_written(tmp_path, path, extra, words):
-    out = tmp_path / "out.zarr"
+    out = tmp_path / "new" / "out.zarr"  # not even its folder may be left behind
     proc = gapless("tile", path, "--out", out, *extra)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

@@ -3,12 +3,16 @@
 
 from snakemake.utils import min_version, validate
 
+from pipeline.config import coerce_config
+
 min_version("9.0")
 
 
 configfile: "config/config.yaml"
 
 
+# nested --config values arrive as strings (train='{epochs: 2}' gives '2'): read them with the schema's types
+coerce_config(config, f"{workflow.basedir}/config/schema.yaml")
 validate(config, "config/schema.yaml")
 
 

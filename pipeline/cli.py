@@ -11,8 +11,8 @@ import warnings
 from pathlib import Path
 
 from pipeline import SNAKEMAKE_MARKER_WARNING, __version__
-from pipeline.errors import GaplessError
-from pipeline.files import atomic_write_text
+from pipeline.errors import GaplessError, one_line, os_error_message
+from pipeline.files import atomic_write_text, outputs
 
 log = logging.getLogger("gapless")
 
@@ -89,8 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-empty", action="store_true", help="write an empty store flagged 'no tissue' instead of failing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store (only once the new one is complete)")
 
-    p = sub.add_parser("info", help="print a tile store's attributes and tile count as JSON")
+    p = sub.add_parser("info", help="print a tile store's attributes and tile count as JSON, after checking it is complete")
     p.add_argument("store", type=Path)
+    p.add_argument("--verify", action="store_true",
+                   help="also read every tile and check its checksum (finds a changed byte; reads the whole store)")
 
     p = sub.add_parser("qc", help="one QC row per tile store, as TSV")
     p.add_argument("stores", type=Path, nargs="+")
@@ -125,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", type=float, nargs=3, default=(0.5, 0.25, 0.25), metavar=("TRAIN", "VAL", "TEST"),
                    help="fractions of groups per split when the sheet has no split column (default 0.5 0.25 0.25)")
     p.add_argument("--head-kwargs", type=_json_object, default={}, help='the head\'s own options as JSON, e.g. \'{"num_heads": 2}\'')
+    p.add_argument("--accept-flagged", action="store_true",
+                   help="train on tile stores that QC flagged (e.g. annotations off the tissue) instead of refusing them")
     p.add_argument("--threads", type=_positive_int, default=2, help="CPU threads: torch threads and data-loader workers (default 2)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, default) | cuda | cpu")
     p.add_argument("--comparison", type=Path, default=None, help="JSON from `gapless mlflow-setup`: log as a child of its parent run")
@@ -235,15 +239,18 @@ def _run_tile(args) -> None:
 def _run_info(args) -> None:
     from pipeline.tiling import store_info
 
-    print(json.dumps(store_info(args.store), indent=2, ensure_ascii=False))
+    print(json.dumps(store_info(args.store, verify=args.verify), indent=2, ensure_ascii=False))
 
 
 def _run_qc(args) -> None:
     from pipeline.qc import write_qc_table
 
     rows = write_qc_table(args.stores, args.out)
-    flagged = sum(1 for r in rows if r["qc_flag"])
-    print(f"qc: {len(rows)} samples, {sum(r['tiles'] for r in rows)} tiles, {flagged} flagged -> {args.out}")
+    flagged = [r for r in rows if r["qc_flag"]]
+    for r in flagged:
+        print(f"qc: flagged: {r['sample']}: {r['qc_flag']}")
+    print(f"qc: {len(rows)} samples, {sum(r['tiles'] for r in rows)} tiles, {len(flagged)} flagged -> {args.out}"
+          + ("; training refuses flagged stores with tiles unless train.accept_flagged is true" if flagged else ""))
 
 
 def _run_bench(args) -> None:
@@ -312,28 +319,42 @@ def _run_train(args) -> None:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, grad_clip=args.grad_clip, image_size=args.image_size,
         steps_per_epoch=args.steps_per_epoch, split_fractions=tuple(args.split), threads=args.threads,
-        device=args.device, head_kwargs=args.head_kwargs,
-    )
-    if args.comparison:
-        comparison = _comparison(args.comparison)
-        uri, experiment_id, parent = comparison["tracking_uri"], comparison["experiment_id"], comparison["parent_run_id"]
-    else:
+        device=args.device, head_kwargs=args.head_kwargs, accept_flagged=args.accept_flagged,
+    ).validate()  # a bad value stops here, before the MLflow store is touched
+    comparison = _comparison(args.comparison) if args.comparison else None
+
+    def connect() -> tuple[str, str, str | None]:
+        """The tracking store, opened only once the data has passed its checks."""
+        if comparison:
+            return comparison["tracking_uri"], comparison["experiment_id"], comparison["parent_run_id"]
         from pipeline.tracking import artifact_root, prepare_tracking, tracking_uri
 
         uri = tracking_uri(args.tracking_uri)
-        experiment_id, parent = prepare_tracking(uri, args.experiment, artifact_root()), None
+        return uri, prepare_tracking(uri, args.experiment, artifact_root()), None
+
     t0 = time.perf_counter()
-    metrics = train_cohort(args.samples, args.tiles, args.classes, settings, args.out, uri, experiment_id, parent,
-                           config=args.config, progress=not args.quiet)
+    metrics = train_cohort(args.samples, args.tiles, args.classes, settings, args.out, config=args.config,
+                           progress=not args.quiet, connect=connect)
     shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("test_auroc", "test_balanced_accuracy", "test_sample_auroc_max")
                       if k in metrics)
     print(f"train: {args.head} seed {args.seed} on {args.kind}s: {shown} in {time.perf_counter() - t0:.0f} s; "
           f"MLflow run {metrics['run_id']} -> {args.out}")
 
 
+def _sample_id(sample_id: str | None) -> str | None:
+    """``sample_id`` once it passes the sample sheet's rule (it names output files)."""
+    from pipeline.samples import check_sample_id
+
+    problem = None if sample_id is None else check_sample_id(sample_id)
+    if problem:
+        raise GaplessError(None, problem, "use the sample's id from the sample sheet")
+    return sample_id
+
+
 def _run_heatmap(args) -> None:
     from pipeline.heatmap import heatmap_sample
 
+    _sample_id(args.sample)
     if len(args.model) != len(args.out):
         raise GaplessError(None, f"{len(args.model)} --model but {len(args.out)} --out", "give one --out per --model")
     uri = _comparison(args.comparison)["tracking_uri"] if args.comparison else args.tracking_uri
@@ -379,10 +400,12 @@ def _run_pyramid(args) -> None:
 def _run_page(args) -> None:
     from pipeline.viewer import write_sample_page
 
+    _sample_id(args.sample)
     info = _key_values(args.info, "--info", "label=positive")
-    summary = write_sample_page(args.out, args.sample, args.pyramid, args.heatmap, annotations=args.annotations,
-                                info=info or None)
-    atomic_write_text(args.summary, json.dumps({"sample": args.sample, "page": str(args.out), **summary}, indent=2) + "\n")
+    with outputs():  # the page and its summary appear together
+        summary = write_sample_page(args.out, args.sample, args.pyramid, args.heatmap, annotations=args.annotations,
+                                    info=info or None)
+        atomic_write_text(args.summary, json.dumps({"sample": args.sample, "page": str(args.out), **summary}, indent=2) + "\n")
     print(f"page: {args.sample} with {len(args.heatmap)} head(s) -> {args.out}")
 
 
@@ -420,9 +443,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except GaplessError as exc:
-        print(f"gapless {args.command}: error: {exc.message}", file=sys.stderr)
-        return 2
+        return _fail(args, exc.message)
+    except OSError as exc:  # a full disk, a read-only folder, a file where a folder should be: one line, not a traceback
+        return _fail(args, os_error_message(exc, _output_of(args)))
     except KeyboardInterrupt:
         print(f"gapless {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if type(exc).__name__ != "MlflowException":
+            raise  # a bug: the traceback is kept
+        cause = one_line(getattr(exc, "message", str(exc)))
+        return _fail(args, f"MLflow: {cause}; check the tracking store (mlflow.tracking_uri / MLFLOW_TRACKING_URI), "
+                           "its disk space and permissions, then re-run")
     return 0
+
+
+def _output_of(args) -> Path | None:
+    """What a command writes (its --out, else its store), to name in an error that names no file."""
+    out = getattr(args, "out", None)
+    if isinstance(out, list):
+        out = out[0] if out else None
+    return out if out is not None else getattr(args, "store", None)
+
+
+def _fail(args, message: str) -> int:
+    print(f"gapless {args.command}: error: {message}", file=sys.stderr)
+    return 2

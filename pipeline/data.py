@@ -1,4 +1,4 @@
-"""Training data: sample splits, the table of every tile, augmentation, datasets and loaders.
+"""Training data: the table of every tile, augmentation, datasets and loaders (splits: :mod:`pipeline.splits`).
 
 Pixels stay in the tile stores (``results/tiles/{sample}.zarr``, see :mod:`pipeline.tiling`); what is
 held in memory is a :class:`TileTable` of small arrays (store, tile index, label, coords per tile).
@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import random
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,8 @@ import torch
 import torch.utils.data
 
 from pipeline.errors import GaplessError
-from pipeline.samples import SPLITS, Sample
+from pipeline.samples import Sample
+from pipeline.splits import split_samples  # noqa: F401  (re-exported: the loaders' callers split first)
 
 log = logging.getLogger("gapless.data")
 
@@ -62,145 +62,6 @@ __all__ = [
 ]
 
 MPP_TOLERANCE = 0.05  # stores whose µm/px differ by more than this (relative) are mixed with a warning
-
-
-# ---------------------------------------------------------------------------------------------
-# Splits
-
-
-def split_samples(samples: Sequence[Sample], seed: int, fractions: Sequence[float] = (0.6, 0.2, 0.2)) -> dict[str, str]:
-    """Assign every sample to ``train``, ``val`` or ``test``; return ``{sample_id: split}`` in sheet order.
-
-    A sample's fixed ``split`` (sample sheet column) is kept, and its whole group follows it. The
-    other groups (``group`` column; a sample without one is its own group) are placed whole, so no
-    group is on two sides: first each split receives one group of every label while enough groups
-    carry that label (``train``, then ``val``, then ``test``), then the remaining groups, largest
-    first, go where they bring the per-label counts closest to ``fractions``. Same seed, same split.
-
-    A split whose fraction is 0 stays empty. Raises ``GaplessError`` when a split with a non-zero
-    fraction would be empty (too few groups) or a group is fixed to two splits.
-    """
-    fr = _check_fractions(fractions)
-    wanted = [s for s, f in zip(SPLITS, fr) if f > 0]
-    if not samples:
-        raise GaplessError(None, "no samples to split", "check the sample sheet")
-    ids = [s.sample_id for s in samples]
-    if len(set(ids)) != len(ids):
-        twice = sorted(i for i, n in Counter(ids).items() if n > 1)
-        raise GaplessError(None, f"sample ids given twice: {', '.join(twice)}", "make every sample_id unique")
-
-    # group key: ("g", name) for a named group, ("s", id) for a sample on its own, so the two never clash
-    members: dict[tuple[str, str], list[Sample]] = {}
-    for s in samples:
-        members.setdefault(("g", s.group) if s.group else ("s", s.sample_id), []).append(s)
-
-    labels = sorted({s.label for s in samples})
-    total = Counter(s.label for s in samples)
-    counts = {split: Counter() for split in SPLITS}
-    size = {split: 0 for split in SPLITS}
-    assigned: dict[tuple[str, str], str] = {}
-
-    def assign(key, split):
-        assigned[key] = split
-        for s in members[key]:
-            counts[split][s.label] += 1
-        size[split] += len(members[key])
-
-    for key, group in members.items():
-        fixed = sorted({s.split for s in group if s.split})
-        if len(fixed) > 1:
-            raise GaplessError(
-                None, f"group {key[1]!r} is fixed to more than one split ({', '.join(fixed)})",
-                "give every sample of a group the same `split`, or none",
-            )
-        if fixed:
-            assign(key, fixed[0])
-
-    rng = np.random.default_rng(seed)
-    free = [k for k in members if k not in assigned]
-    free = [free[i] for i in rng.permutation(len(free))]
-    n_groups = len(members)
-    if n_groups < len(wanted):
-        raise GaplessError(
-            None,
-            f"{n_groups} group{'s' if n_groups != 1 else ''} (patients/plates, or samples without a group) "
-            f"cannot fill {len(wanted)} splits ({', '.join(wanted)}): no group may be on two sides",
-            "add samples, set fractions to 0 for a split you do not need, or fix `split` in the sample sheet",
-        )
-
-    composition = {key: Counter(s.label for s in group) for key, group in members.items()}
-
-    # Phase 1: one group of each label per split, scarcest label first, while enough groups carry it.
-    def carriers(label):
-        return [k for k in free if k not in assigned and label in composition[k]]
-
-    def can_spare(split) -> bool:  # giving `split` one more group still leaves one for every empty split
-        left = sum(1 for k in free if k not in assigned) - 1
-        return left >= sum(1 for other in wanted if other != split and size[other] == 0)
-
-    for label in sorted(labels, key=lambda lab: (len(carriers(lab)), lab)):
-        for split in wanted:
-            if counts[split][label] > 0 or not can_spare(split):
-                continue
-            candidates = carriers(label)
-            if not candidates:
-                break
-            # a pure, small group leaves the most freedom for phase 2
-            best = min(candidates, key=lambda k: (len(composition[k]) > 1, len(members[k])))
-            assign(best, split)
-    for split in wanted:  # a split still empty (no labels left to give) takes the smallest free group
-        if size[split] == 0:
-            rest = [k for k in free if k not in assigned]
-            if rest:
-                assign(min(rest, key=lambda k: len(members[k])), split)
-
-    # Phase 2: the rest, largest groups first, each where it brings the counts closest to the targets.
-    target = {split: {lab: f * total[lab] for lab in labels} for split, f in zip(SPLITS, fr)}
-    rest = sorted((k for k in free if k not in assigned), key=lambda k: -len(members[k]))  # stable: keeps rng order
-    for key in rest:
-        comp = composition[key]
-
-        def cost(split):
-            change = sum(
-                ((counts[split][lab] + comp[lab] - target[split][lab]) ** 2 - (counts[split][lab] - target[split][lab]) ** 2)
-                / total[lab]
-                for lab in comp
-            )
-            deficit = sum(target[split][lab] - counts[split][lab] for lab in labels)
-            return (change, -deficit)
-
-        assign(key, min(wanted, key=cost))
-
-    empty = [split for split in wanted if size[split] == 0]
-    if empty:
-        raise GaplessError(
-            None,
-            f"split {', '.join(empty)} would be empty: every group is fixed to another split",
-            "leave `split` blank for some samples, or set the fraction of that split to 0",
-        )
-    for split in wanted:
-        missing = [lab for lab in labels if counts[split][lab] == 0]
-        if missing:
-            log.warning("split %s has no %s sample: too few groups carry that label", split, " or ".join(repr(m) for m in missing))
-    log.info(
-        "split %d samples in %d groups: %s", len(samples), n_groups,
-        "; ".join(f"{split} {size[split]} (" + ", ".join(f"{lab} {counts[split][lab]}" for lab in labels) + ")" for split in SPLITS),
-    )
-    result = {}
-    for key, group in members.items():
-        for s in group:
-            result[s.sample_id] = assigned[key]
-    return {i: result[i] for i in ids}
-
-
-def _check_fractions(fractions: Sequence[float]) -> list[float]:
-    values = [float(f) for f in fractions]
-    if len(values) != len(SPLITS) or any(not math.isfinite(f) or f < 0 for f in values) or sum(values) <= 0:
-        raise GaplessError(
-            None, f"split fractions must be three non-negative numbers for {', '.join(SPLITS)}, got {list(fractions)}",
-            "e.g. [0.6, 0.2, 0.2]",
-        )
-    return [f / sum(values) for f in values]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,13 +123,16 @@ def build_tile_table(
     samples: Sequence[Sample],
     store_for: Callable[[str], Path] | Mapping[str, str | Path],
     classes: Sequence[str],
+    accept_flagged: bool = False,
 ) -> TileTable:
     """Read the small arrays (coords, labels) of each sample's store into one :class:`TileTable`.
 
     ``store_for``: sample id → store path (a function or a mapping). All stores must share channel
     count, tile size, dtype and modality: a model sees one kind of input. Stores flagged empty
-    (0 tiles) are skipped with a warning. Annotation labels (0/1: not touching / touching a
-    positive object) index ``classes``, so ``classes[0]`` is the negative class.
+    (0 tiles) are skipped with a warning. A store with tiles and a QC flag (e.g. its annotations are
+    off the tissue, so its tile labels are likely wrong) is refused, every such store listed, unless
+    ``accept_flagged``. Annotation labels (0/1: not touching / touching a positive object) index
+    ``classes``, so ``classes[0]`` is the negative class.
     """
     from pipeline.tiling import open_store
 
@@ -277,7 +141,7 @@ def build_tile_table(
     stores, ids, attrs_list = [], [], []
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("store", "tile", "tile_label", "sample_label", "coords")}
     first = None  # (path, channels, tile_size, dtype, modality) of the first store
-    skipped = []
+    skipped, flagged = [], []
     for sample in samples:
         if sample.label not in classes:
             raise GaplessError(
@@ -285,14 +149,16 @@ def build_tile_table(
                 "add it to config `classes` or fix the sample sheet",
             )
         path = Path(lookup(sample.sample_id))
-        root = open_store(path)
-        attrs = dict(root.attrs)
+        root = open_store(path)  # checks the store holds every file it was written with, before any reading
+        attrs = {k: v for k, v in root.attrs.items() if k != "integrity"}  # the file list: storage, not data
         tiles = root["tiles"]  # opening an array reads its metadata: once
         n = int(tiles.shape[0])
         if n == 0:
             log.warning("%s: no tiles (%s); sample %s is left out", path, attrs.get("qc_flag") or "empty store", sample.sample_id)
             skipped.append(sample.sample_id)
             continue
+        if attrs.get("qc_flag"):
+            flagged.append(f"{path} ({attrs['qc_flag']})")
         shape = (int(tiles.shape[3]), int(tiles.shape[1]), np.dtype(tiles.dtype), str(attrs.get("modality", "unknown")))
         if first is None:
             first = (path, *shape)
@@ -319,6 +185,14 @@ def build_tile_table(
         parts["tile_label"].append(np.where(labels >= 0, labels, label_index))
         parts["sample_label"].append(np.full(n, label_index, np.int64))
         parts["coords"].append(np.asarray(root["coords"][:], dtype=np.int64).reshape(n, 2))
+    if flagged and not accept_flagged:
+        raise GaplessError(
+            None, f"{len(flagged)} tile store{'s are' if len(flagged) > 1 else ' is'} flagged by QC: {'; '.join(flagged)}",
+            "fix the annotations and re-tile, or accept the flagged stores (gapless train --accept-flagged; "
+            "config train.accept_flagged: true)",
+        )
+    for store in flagged:
+        log.warning("training on a flagged store, as asked: %s", store)
     if first is None:
         raise GaplessError(None, f"none of the {len(samples)} samples has any tiles", "check the QC report of the tiling stage")
     mpps = [float(a.get("mpp", float("nan"))) for a in attrs_list]
@@ -546,8 +420,16 @@ class TileDataset(torch.utils.data.Dataset):
         return arr
 
     def read_tile(self, i: int) -> np.ndarray:
-        """The raw tile (T×T×C, the store's dtype) of table row ``i``."""
-        return self._tiles(int(self.table.store_index[i]))[int(self.table.tile_index[i])]
+        """The raw tile (T×T×C, the store's dtype) of table row ``i``.
+
+        A tile that cannot be read (its checksum does not match, it does not decode) raises a
+        ``GaplessError`` naming the store and the tile; from a DataLoader worker it reaches the main
+        process as the same one line (see ``GaplessError``).
+        """
+        from pipeline.tiling import read_tiles
+
+        k, index = int(self.table.store_index[i]), int(self.table.tile_index[i])
+        return read_tiles(self._tiles(k), index, index + 1, self.table.stores[k])[0]
 
     def __getitem__(self, i: int):
         tile = self.read_tile(i)
@@ -621,15 +503,15 @@ def make_loader(dataset, batch_size: int, workers: int, sampler=None, shuffle: b
 # Fingerprint
 
 # attrs that say where or how fast a store was made, not what it holds
-_VOLATILE_ATTRS = ("seconds", "source", "annotations")
+_VOLATILE_ATTRS = ("seconds", "source", "annotations", "integrity")  # integrity: the files' sizes, i.e. storage
 
 
 def data_fingerprint(sample_sheet_path: str | Path | None, stores: Sequence[str | Path]) -> str:
     """A short hex digest (16 characters) of the data a run trains on.
 
     sha256 over the sample sheet's bytes (when given) and, for each store in name order, its name,
-    its attrs (JSON with sorted keys, without ``seconds``, ``source`` and ``annotations``, which are
-    timings and absolute paths) and the bytes of ``coords`` and ``labels``. Pixels are not read.
+    its attrs (JSON with sorted keys, without ``seconds``, ``source``, ``annotations`` and ``integrity``,
+    which are timings, absolute paths and the stored files' sizes) and the bytes of ``coords`` and ``labels``. Pixels are not read.
     """
     from pipeline.tiling import open_store
 

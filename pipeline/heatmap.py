@@ -93,7 +93,7 @@ import numpy as np
 
 from pipeline.device import autocast_for, resolve_device
 from pipeline.errors import GaplessError
-from pipeline.files import atomic_directory, atomic_write, atomic_write_text
+from pipeline.files import outputs
 
 log = logging.getLogger("gapless.heatmap")
 
@@ -248,6 +248,7 @@ def iter_tile_maps(model, config: Mapping, store, batch_size: int = 64, device=N
     import torch
 
     from pipeline.data import build_transforms
+    from pipeline.tiling import read_tiles
 
     root, path = _open(store)
     tiles = root["tiles"]
@@ -267,7 +268,7 @@ def iter_tile_maps(model, config: Mapping, store, batch_size: int = 64, device=N
     autocast = autocast_for(device)
 
     def load(start: int) -> torch.Tensor:
-        block = tiles[start : start + batch_size]
+        block = read_tiles(tiles, start, start + batch_size, path)  # a bad tile: one line naming the store
         images = []
         for tile in block:
             image = transform(image=tile)["image"]
@@ -659,53 +660,52 @@ def _finite_range(a: np.ndarray | None, default=(0.0, 1.0)) -> tuple[float, floa
     return float(np.nanmin(a)), float(np.nanmax(a))
 
 
-def _write_ome_zarr(path: Path, layers: list[tuple[str, np.ndarray, tuple[float, float]]], cell: float,
+def _write_ome_zarr(folder: Path, layers: list[tuple[str, np.ndarray, tuple[float, float]]], cell: float,
                     mpp: float | None, name: str, extra: dict) -> None:
-    """NGFF 0.5 multiscale image (c, y, x; µm) at ``path``, written under ``path.partial`` and renamed."""
+    """NGFF 0.5 multiscale image (c, y, x; µm) written into the empty ``folder``."""
     import zarr
 
     unit_mpp = float(mpp) if mpp else 1.0
     planes = [layer for _, layer, _ in layers]  # one channel at a time: no stacked copy
-    with atomic_directory(path) as partial:
-        root = zarr.open_group(partial, mode="w", zarr_format=3)
-        datasets, level = [], 0
-        while True:
-            rows, cols = planes[0].shape
-            array = root.create_array(str(level), shape=(len(planes), rows, cols), dtype=np.float32,
-                                      chunks=(1, min(512, rows), min(512, cols)), fill_value=np.nan,
-                                      dimension_names=["c", "y", "x"])
-            for c, plane in enumerate(planes):
-                array[c] = plane
-            size = cell * 2**level  # level-0 px per cell at this level
-            scale, shift = size * unit_mpp, (size - 1) / 2 * unit_mpp
-            datasets.append({"path": str(level), "coordinateTransformations": [
-                {"type": "scale", "scale": [1.0, scale, scale]},
-                {"type": "translation", "translation": [0.0, shift, shift]}]})
-            if max(rows, cols) <= PYRAMID_MIN_SIDE or level + 1 >= PYRAMID_MAX_LEVELS:
-                break
-            planes, level = [_halve(plane) for plane in planes], level + 1
-        unit = "micrometer" if mpp else None
-        space = lambda axis: {"name": axis, "type": "space", **({"unit": unit} if unit else {})}  # noqa: E731
-        colours = {"positive": "FFFFFF", "positive_raw": "FF00FF", "attention": "00FFFF"}
-        channels = []
-        for label, _, (lo, hi) in layers:
-            channels.append({"label": label, "color": colours.get(label, "FFFFFF"), "active": label == "positive",
-                             "window": {"min": lo, "max": hi, "start": lo, "end": hi}})
-        root.attrs.update({
-            "ome": {
-                "version": "0.5",
-                "multiscales": [{
-                    "name": name,
-                    "axes": [{"name": "c", "type": "channel"}, space("y"), space("x")],
-                    "datasets": datasets,
-                    "type": "mean",
-                    "metadata": {"description": "2×2 mean of the finite values (NaN = no tissue)",
-                                 "method": "pipeline.heatmap._halve"},
-                }],
-                "omero": {"channels": channels, "rdefs": {"model": "color"}},
-            },
-            "gapless": extra,
-        })
+    root = zarr.open_group(folder, mode="w", zarr_format=3)
+    datasets, level = [], 0
+    while True:
+        rows, cols = planes[0].shape
+        array = root.create_array(str(level), shape=(len(planes), rows, cols), dtype=np.float32,
+                                  chunks=(1, min(512, rows), min(512, cols)), fill_value=np.nan,
+                                  dimension_names=["c", "y", "x"])
+        for c, plane in enumerate(planes):
+            array[c] = plane
+        size = cell * 2**level  # level-0 px per cell at this level
+        scale, shift = size * unit_mpp, (size - 1) / 2 * unit_mpp
+        datasets.append({"path": str(level), "coordinateTransformations": [
+            {"type": "scale", "scale": [1.0, scale, scale]},
+            {"type": "translation", "translation": [0.0, shift, shift]}]})
+        if max(rows, cols) <= PYRAMID_MIN_SIDE or level + 1 >= PYRAMID_MAX_LEVELS:
+            break
+        planes, level = [_halve(plane) for plane in planes], level + 1
+    unit = "micrometer" if mpp else None
+    space = lambda axis: {"name": axis, "type": "space", **({"unit": unit} if unit else {})}  # noqa: E731
+    colours = {"positive": "FFFFFF", "positive_raw": "FF00FF", "attention": "00FFFF"}
+    channels = []
+    for label, _, (lo, hi) in layers:
+        channels.append({"label": label, "color": colours.get(label, "FFFFFF"), "active": label == "positive",
+                         "window": {"min": lo, "max": hi, "start": lo, "end": hi}})
+    root.attrs.update({
+        "ome": {
+            "version": "0.5",
+            "multiscales": [{
+                "name": name,
+                "axes": [{"name": "c", "type": "channel"}, space("y"), space("x")],
+                "datasets": datasets,
+                "type": "mean",
+                "metadata": {"description": "2×2 mean of the finite values (NaN = no tissue)",
+                             "method": "pipeline.heatmap._halve"},
+            }],
+            "omero": {"channels": channels, "rdefs": {"model": "color"}},
+        },
+        "gapless": extra,
+    })
 
 
 def _colour(values: np.ndarray, value_range: tuple[float, float], colormap: str) -> np.ndarray:
@@ -747,7 +747,7 @@ def _score_text(scores: dict) -> str:
 
 def _figure(path: Path, thumbnail: np.ndarray | None, values: np.ndarray, cell: float, width: int, height: int,
             value_range: tuple[float, float], colormap: str, caption: list[str], bar_label: str) -> None:
-    """PNG ``PNG_WIDTH_PX`` wide: thumbnail, heatmap over it (alpha 0.55, none where NaN), colour bar, caption."""
+    """PNG ``PNG_WIDTH_PX`` wide at ``path``: thumbnail, heatmap over it (alpha 0.55, none where NaN), colour bar, caption."""
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
@@ -780,7 +780,7 @@ def _figure(path: Path, thumbnail: np.ndarray | None, values: np.ndarray, cell: 
     for i, line in enumerate(caption):
         fig.text(0.5, (caption_h - 0.3 - 0.25 * i) / fig_h, line, ha="center", va="bottom",
                  fontsize=11 if i == 0 else 9, fontweight="bold" if i == 0 else "normal")
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=_DPI, format="png"))
+    fig.savefig(path, dpi=_DPI, format="png")
 
 
 def write_heatmap(out_dir: str | Path, sample_id: str, head: str, maps: StitchedMaps, values: np.ndarray,
@@ -788,7 +788,8 @@ def write_heatmap(out_dir: str | Path, sample_id: str, head: str, maps: Stitched
                   thumbnail: np.ndarray | None = None, scores: dict | None = None, run_id: str | None = None,
                   colormap: str = COLORMAP) -> dict[str, Path]:
     """Write ``{sample}.ome.zarr``, ``{sample}.png``, ``{sample}.overlay.png`` and ``{sample}.json``
-    into ``out_dir`` (module docstring); each appears complete or not at all. Returns their paths."""
+    into ``out_dir`` (module docstring): all four appear complete, or none of them (a failure, e.g. a
+    full disk, leaves an older set as it was). Returns their paths."""
     from PIL import Image
 
     out_dir = Path(out_dir)
@@ -806,38 +807,41 @@ def write_heatmap(out_dir: str | Path, sample_id: str, head: str, maps: Stitched
              "map_side": maps.map_side, "tile_extent": maps.tile_extent, "width": maps.width,
              "height": maps.height, "source_mpp": maps.source_mpp, "channels": [n for n, _, _ in layers],
              "min_coverage": MIN_COVERAGE, "min_cell_tissue": MIN_CELL_TISSUE, "scores": scores}
-    _write_ome_zarr(paths["zarr"], layers, maps.cell, maps.source_mpp, f"{sample_id} {head}", extra)
+    with outputs() as staged:  # the four files appear together, the JSON (the workflow's output) last
+        _write_ome_zarr(staged.directory(paths["zarr"], holds="zarr.json"), layers, maps.cell, maps.source_mpp,
+                        f"{sample_id} {head}", extra)
 
-    rgba = overlay_image(values, maps.cell, maps.width, maps.height, value_range, colormap)
-    atomic_write(paths["overlay"], lambda tmp: Image.fromarray(rgba, "RGBA").save(tmp, format="png"))
+        rgba = overlay_image(values, maps.cell, maps.width, maps.height, value_range, colormap)
+        staged.file(paths["overlay"], lambda tmp: Image.fromarray(rgba, "RGBA").save(tmp, format="png"))
 
-    label = NORMALISATION_LABELS[normalisation]
-    if normalisation == "attention":
-        label += f", w = {_WEIGHTS[maps.spread_weights]}"
-    caption = [f"{sample_id} · {head} head · normalisation: {normalisation}", label, _score_text(scores)]
-    _figure(paths["png"], thumbnail, values, maps.cell, maps.width, maps.height, value_range, colormap,
-            caption, f"{normalisation} ({value_range[0]:.3g} to {value_range[1]:.3g})")
+        label = NORMALISATION_LABELS[normalisation]
+        if normalisation == "attention":
+            label += f", w = {_WEIGHTS[maps.spread_weights]}"
+        caption = [f"{sample_id} · {head} head · normalisation: {normalisation}", label, _score_text(scores)]
+        staged.file(paths["png"], lambda tmp: _figure(tmp, thumbnail, values, maps.cell, maps.width, maps.height,
+                                                      value_range, colormap, caption,
+                                                      f"{normalisation} ({value_range[0]:.3g} to {value_range[1]:.3g})"))
 
-    p_pos = maps.probs[:, -1] if len(maps.probs) else np.zeros(0, np.float32)
-    doc = {
-        "sample": sample_id,
-        "head": head,
-        "run_id": run_id,
-        "normalisation": normalisation,
-        "colormap": colormap,
-        "range": [float(f"{value_range[0]:.7g}"), float(f"{value_range[1]:.7g}")],
-        "width": int(maps.width),
-        "height": int(maps.height),
-        "mpp": None if maps.source_mpp is None else float(maps.source_mpp),
-        "overlay": paths["overlay"].name,
-        "tile_extent": float(maps.tile_extent),
-        "tiles": [[int(x), int(y), round(float(p), 4)] for (x, y), p in zip(maps.coords, p_pos)],
-        "classes": list(classes),
-        "scores": scores,
-    }
-    assert tuple(doc) == JSON_KEYS
-    text = json.dumps(doc, allow_nan=False, separators=(",", ":"))
-    atomic_write_text(paths["json"], text + "\n")
+        p_pos = maps.probs[:, -1] if len(maps.probs) else np.zeros(0, np.float32)
+        doc = {
+            "sample": sample_id,
+            "head": head,
+            "run_id": run_id,
+            "normalisation": normalisation,
+            "colormap": colormap,
+            "range": [float(f"{value_range[0]:.7g}"), float(f"{value_range[1]:.7g}")],
+            "width": int(maps.width),
+            "height": int(maps.height),
+            "mpp": None if maps.source_mpp is None else float(maps.source_mpp),
+            "overlay": paths["overlay"].name,
+            "tile_extent": float(maps.tile_extent),
+            "tiles": [[int(x), int(y), round(float(p), 4)] for (x, y), p in zip(maps.coords, p_pos)],
+            "classes": list(classes),
+            "scores": scores,
+        }
+        assert tuple(doc) == JSON_KEYS
+        text = json.dumps(doc, allow_nan=False, separators=(",", ":"))
+        staged.file(paths["json"], lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
     return paths
 
 

@@ -248,6 +248,57 @@ def open_source(path: str | Path, kind: str | None = None) -> Source:
     return _open_image(path)
 
 
+def probe_source(path: str | Path, kind: str | None = None, mpp: float | None = None) -> str:
+    """Check cheaply that ``path`` can be tiled, without reading its pixels; return its kind.
+
+    Opens the file's header (OpenSlide, or tifffile / Pillow without decoding the image), reads one
+    small region of a slide's coarsest level (a slide whose tiles cannot be decoded fails here), and
+    resolves µm/px (``mpp`` overrides the metadata). Raises the ``GaplessError`` that tiling would
+    raise, so a sample sheet's bad files are all found before any job runs.
+    """
+    path = Path(path)
+    kind = kind or infer_kind(path)
+    if kind == "slide":
+        with open_source(path, "slide") as source:
+            level = source.level_count - 1
+            w, h = source.level_dimensions[level]
+            source.read_region((0, 0), level, (max(1, min(w, 64)), max(1, min(h, 64))))
+            source.resolve_mpp(mpp)
+        return kind
+    if path.is_dir():
+        raise GaplessError(path, "a folder, not a cell image", "give the image file itself")
+    name = path.name.lower()
+    if name.endswith(TIFF_SUFFIXES) or _has_tiff_magic(path):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                # the axes check on a stand-in of one pixel per plane: no pixel is read
+                _to_yxc(path, np.zeros([1 if ax in "YX" else n for ax, n in zip(series.axes.upper(), series.shape)]),
+                        series.axes)
+                metadata_mpp, note = _tiff_mpp(tif, tif.pages[0], _ome_root(tif))
+        except GaplessError:
+            raise
+        except Exception as exc:
+            raise GaplessError(path, f"cannot read the TIFF: {exc}", _CORRUPT_FIX) from None
+    else:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                fmt = (im.format or path.suffix.lstrip(".")).lower()
+                im.verify()  # the file's structure (and a PNG's checksums), without decoding
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            raise GaplessError(path, f"not an image gapless can read ({exc})", _FORMAT_FIX) from None
+        metadata_mpp, note = None, f"{fmt.upper()} files carry no microscope calibration"
+    if mpp is None and metadata_mpp is None:
+        raise GaplessError(path, f"no µm/px in the metadata ({note})", _MPP_FIX)
+    if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
+        raise GaplessError(path, f"µm/px override must be a positive number, got {mpp}", _MPP_FIX)
+    return kind
+
+
 def _slide_in_folder(folder: Path) -> Path:
     """A DICOM slide is a folder of .dcm files; OpenSlide opens it from any one of them."""
     for candidate in sorted(folder.iterdir()):

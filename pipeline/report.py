@@ -49,7 +49,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from pipeline.errors import GaplessError
-from pipeline.files import atomic_write, atomic_write_text
+from pipeline.files import atomic_write, atomic_write_text, outputs
 from pipeline.tracking import PARAM_LIMIT, sqlite_path
 from pipeline.viewer import head_sort_key
 
@@ -788,18 +788,19 @@ def write_report(tracking_uri: str, parent_run_id: str, out_dir: str | Path = "r
     paired = paired_comparison(runs, setting_keys, baseline)
     table = runs_table(runs, setting_keys)
     paths = {}
-    for name, frame in (("summary", summary), ("paired", paired), ("runs", table)):
-        paths[name] = out / f"{name}.tsv"
-        atomic_write(paths[name], lambda tmp: frame.to_csv(tmp, sep="\t", index=False, na_rep="NaN", float_format="%.6g"))  # noqa: B023
-    plots = {"metrics vs witness fraction": plot_metrics(summary, out / "metric_vs_witness_fraction.png", setting_keys)}
-    paths["metric_plot"] = plots["metrics vs witness fraction"]
-    if heatmap_pngs:
-        samples = {Path(p).stem for p in heatmap_pngs.values()}
-        title = f"sample {samples.pop()}" if len(samples) == 1 else None
-        paths["heatmaps"] = plots["heatmaps side by side"] = plot_heatmaps(heatmap_pngs, out / "heatmaps_side_by_side.png", title)
-    meta = {"tracking URI": tracking_uri, "comparison (parent) run": parent_run_id,
-            "setting keys": ", ".join(setting_keys), "baseline": baseline}
-    paths["markdown"] = write_markdown(out / "report.md", runs, summary, paired, setting_keys, meta, plots, baseline)
+    with outputs():  # the tables, plots and markdown appear together, or none of them
+        for name, frame in (("summary", summary), ("paired", paired), ("runs", table)):
+            paths[name] = out / f"{name}.tsv"
+            atomic_write(paths[name], lambda tmp: frame.to_csv(tmp, sep="\t", index=False, na_rep="NaN", float_format="%.6g"))  # noqa: B023
+        plots = {"metrics vs witness fraction": plot_metrics(summary, out / "metric_vs_witness_fraction.png", setting_keys)}
+        paths["metric_plot"] = plots["metrics vs witness fraction"]
+        if heatmap_pngs:
+            samples = {Path(p).stem for p in heatmap_pngs.values()}
+            title = f"sample {samples.pop()}" if len(samples) == 1 else None
+            paths["heatmaps"] = plots["heatmaps side by side"] = plot_heatmaps(heatmap_pngs, out / "heatmaps_side_by_side.png", title)
+        meta = {"tracking URI": tracking_uri, "comparison (parent) run": parent_run_id,
+                "setting keys": ", ".join(setting_keys), "baseline": baseline}
+        paths["markdown"] = write_markdown(out / "report.md", runs, summary, paired, setting_keys, meta, plots, baseline)
     if log_mlflow:
         log_to_parent(tracking_uri, parent_run_id, list(paths.values()), report_metrics(summary, paired))
     skipped = [r for r in runs if r["skip_reason"] is not None]

@@ -29,8 +29,42 @@ COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 KINDS = ("slide", "image")
 SPLITS = ("train", "val", "test")
 
-# A sample id names files (results/tiles/{sample_id}.zarr), so it must be safe on every filesystem.
-_SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")
+# A sample id names files and folders (results/tiles/{sample_id}.zarr, results/heatmaps/slides/{sample_id})
+# and is passed on command lines, so it must be a safe file-name stem on every filesystem: letters,
+# digits, '.', '_' and '-', starting with a letter or digit (not '.', which hides a file and makes
+# '..', nor '-', which a command line reads as an option). SAMPLE_ID_PATTERN is also the workflow's
+# wildcard constraint; check_sample_id adds what a regular expression says badly.
+SAMPLE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+SAMPLE_ID_MAX_LENGTH = 100
+_SAFE_ID = re.compile(SAMPLE_ID_PATTERN)
+# names Windows reserves for devices, with or without an extension (a results folder may be shared)
+_RESERVED_NAMES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+
+
+def check_sample_id(sample_id: str) -> str | None:
+    """What is wrong with ``sample_id`` as a sample id, in a few words; ``None`` when it is fine.
+
+    The rule: 1 to 100 characters, letters, digits, '.', '_' and '-' only, starting with a letter or
+    a digit, not ending in '.' or in '.partial' (gapless's name for an output being written), and not
+    a name Windows reserves (CON, NUL, COM1, ...). Uniqueness regardless of case is checked by the
+    sheet reader, which sees every id.
+    """
+    if not sample_id:
+        return "empty sample_id"
+    if len(sample_id) > SAMPLE_ID_MAX_LENGTH:
+        return f"sample_id {sample_id[:20]!r}... is {len(sample_id)} characters long: use at most {SAMPLE_ID_MAX_LENGTH}"
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", sample_id):
+        return f"sample_id {sample_id!r} is not safe as a file name: use only letters, digits, '.', '_' and '-'"
+    if not _SAFE_ID.fullmatch(sample_id):
+        return (f"sample_id {sample_id!r} starts with {sample_id[0]!r}: start it with a letter or a digit "
+                "('.' hides a file or names a folder above, '-' reads as a command-line option)")
+    if sample_id.endswith("."):
+        return f"sample_id {sample_id!r} ends with '.', which some filesystems drop: end it with a letter, digit, '_' or '-'"
+    if sample_id.lower().endswith(".partial"):
+        return f"sample_id {sample_id!r} ends with '.partial', the name gapless gives an output while it is written: rename it"
+    if sample_id.split(".")[0].lower() in _RESERVED_NAMES:
+        return f"sample_id {sample_id!r} is a device name on Windows ({sample_id.split('.')[0].upper()}): rename it"
+    return None
 
 
 @dataclass(frozen=True)
@@ -88,7 +122,7 @@ def load_sample_sheet(
         raise SampleSheetError(sheet, problems)
 
     samples: list[Sample] = []
-    first_row_of: dict[str, int] = {}
+    first_row_of: dict[str, tuple[int, str]] = {}  # casefolded id → (row, id as written)
     splits_of_group: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for number, cells in rows:
         row_problems: list[str] = []
@@ -102,17 +136,20 @@ def load_sample_sheet(
 
         sample_id = value["sample_id"]
         where = f"row {number} ({sample_id})" if sample_id else f"row {number}"
-        if not sample_id:
-            row_problems.append("empty sample_id")
-        elif not _SAFE_ID.fullmatch(sample_id):
-            row_problems.append(
-                f"sample_id {sample_id!r} is not safe as a file name: "
-                "use only letters, digits, '.', '_' and '-'"
-            )
-        elif sample_id in first_row_of:
-            row_problems.append(f"duplicate sample_id {sample_id!r} (first in row {first_row_of[sample_id]})")
+        id_problem = check_sample_id(sample_id)
+        if id_problem:
+            row_problems.append(id_problem)
+        elif sample_id.casefold() in first_row_of:
+            first_row, first_id = first_row_of[sample_id.casefold()]
+            if first_id == sample_id:
+                row_problems.append(f"duplicate sample_id {sample_id!r} (first in row {first_row})")
+            else:
+                row_problems.append(
+                    f"sample_id {sample_id!r} differs from {first_id!r} (row {first_row}) only by case: their outputs "
+                    "would collide on a case-insensitive filesystem (macOS, Windows); make the ids differ in letters"
+                )
         else:
-            first_row_of[sample_id] = number
+            first_row_of[sample_id.casefold()] = (number, sample_id)
 
         file_path = _resolve(value["path"], base)
         if file_path is None:
@@ -254,4 +291,50 @@ def with_kinds(samples: Sequence[Sample], sheet: str | Path) -> list[Sample]:
             problems.append(f"{s.sample_id}: {error} (or set `kind` in the sheet)")
     if problems:
         raise SampleSheetError(sheet, problems)
+    return out
+
+
+def check_sources(samples: Sequence[Sample], sheet: str | Path, cache: str | Path | None = None) -> list[Sample]:
+    """The samples with every blank ``kind`` inferred, once every file has passed a cheap check.
+
+    Each file's header is opened (not its pixels; a slide's coarsest level is read a little) and its
+    µm/px resolved, as tiling will (:func:`pipeline.io.probe_source`), so a corrupt file or a row
+    without µm/px is found now, with every other bad row, instead of failing a job later. Raises
+    ``SampleSheetError`` listing every problem. ``cache``: a JSON file remembering files that passed
+    (by path, size, modification time, kind and µm/px), so a large sheet is checked once.
+    """
+    import json
+    from dataclasses import replace
+
+    from pipeline.errors import GaplessError
+    from pipeline.io import probe_source
+
+    known: dict = {}
+    if cache is not None:
+        try:
+            known = json.loads(Path(cache).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            known = {}
+    passed, out, problems = {}, [], []
+    for s in samples:
+        try:
+            stat = s.path.stat()
+            key = json.dumps([str(s.path), stat.st_size, stat.st_mtime_ns, s.kind, s.mpp])
+            kind = known.get(key) or probe_source(s.path, s.kind, s.mpp)
+            passed[key] = kind
+            out.append(s if s.kind == kind else replace(s, kind=kind))
+        except GaplessError as error:
+            fix = "" if s.kind else " (or set `kind` in the sheet)"
+            problems.append(f"{s.sample_id}: {error.message}{fix}")
+        except OSError as error:
+            problems.append(f"{s.sample_id}: {s.path}: {error.strerror or error}")
+    if problems:
+        raise SampleSheetError(sheet, problems)
+    if cache is not None and passed != known:
+        from pipeline.files import atomic_write_text
+
+        try:
+            atomic_write_text(cache, json.dumps(passed))
+        except OSError:
+            pass  # the cache only saves time
     return out

@@ -4,19 +4,29 @@ Default backend ``sqlite:///results/mlflow.db`` with artifacts under ``results/m
 ``mlflow ui --backend-store-uri sqlite:///results/mlflow.db`` shows every run; ``MLFLOW_TRACKING_URI``
 or the config's ``mlflow.tracking_uri`` (e.g. a team's tracking server) take precedence.
 
-Several processes opening a *fresh* SQLite database at once race on creating its schema and lose
-runs, so ``prepare_tracking`` creates the database and the experiment once (the Snakemake rule
-``mlflow_setup`` runs it before any training job); later writers only add rows, retried when SQLite
-reports the database locked.
+Several processes opening a *fresh* SQLite database at once race on creating its schema (MLflow
+runs its migrations on first use, and two of them at once fail: "table ... already exists"), so
+every process opens a SQLite store through ``open_client``, which creates the store, and with it the
+schema, under an exclusive lock on ``<database>.lock`` beside the file: the first one migrates, the
+others wait and then find the tables. ``prepare_tracking`` creates the experiment under the same
+lock (the Snakemake rule ``mlflow_setup`` runs it once before any training job; ``gapless train``
+by hand runs it itself). Later writers only add rows, retried when SQLite reports the database locked.
+
+A training run killed without a chance to clean up (``kill -9``, a lost node) stays RUNNING in the
+store. Each training run is tagged with its output folder, host and pid (``run_tags``); the next run
+into that folder finds such runs (``stale_runs``) and marks them KILLED (``RunLogger.supersede``),
+or refuses to start while the process that owns one is still alive on this host.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import random
+import socket
 import time
 from pathlib import Path
 
@@ -45,27 +55,153 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
-def prepare_tracking(uri: str, experiment: str, artifacts: str | None = None) -> str:
-    """Create the backend (schema) and the experiment if missing; return the experiment id."""
-    from mlflow.exceptions import MlflowException
+@contextlib.contextmanager
+def schema_lock(uri: str):
+    """Hold an exclusive lock on ``<database>.lock`` for a ``sqlite:///`` URI (no-op for others).
+
+    A folder where the lock file cannot be made (read-only) is not locked: nothing is created there.
+    """
+    db = sqlite_path(uri)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        fcntl = None
+    if db is None or fcntl is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        handle = open(db.with_name(db.name + ".lock"), "a")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the handle closes, or the process dies
+        yield
+
+
+_opened: set[str] = set()  # URIs whose store this process has created (MLflow caches it per URI)
+
+
+def open_client(uri: str):
+    """An ``MlflowClient`` for ``uri`` whose store exists: made under ``schema_lock`` once per process.
+
+    MLflow makes the store, and on a fresh SQLite file runs the schema migrations, when a client is
+    constructed (MLflow 3) or at its first call (older clients were lazy), so both happen here inside
+    the lock. MLflow keeps the store per URI, so every later client of this process reuses it
+    without migrating or locking again.
+    """
     from mlflow.tracking import MlflowClient
 
-    db = sqlite_path(uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
+    if uri in _opened:
+        return MlflowClient(tracking_uri=uri)
+    with schema_lock(uri):
+        client = retry_locked(MlflowClient)(tracking_uri=uri)  # an unsupported URI fails here
+        retry_locked(client.search_experiments)(max_results=1)
+    _opened.add(uri)
+    return client
+
+
+def prepare_tracking(uri: str, experiment: str, artifacts: str | None = None) -> str:
+    """Create the backend (schema) and the experiment if missing; return the experiment id.
+
+    Safe for several processes at once on a fresh database (see ``open_client``); the experiment is
+    looked up and created under the same lock, and a server that answers RESOURCE_ALREADY_EXISTS
+    (another client made it first) is answered with the existing experiment.
+    """
+    from mlflow.exceptions import MlflowException
+
     try:
-        client = MlflowClient(tracking_uri=uri)  # an unsupported URI fails here
-        found = client.get_experiment_by_name(experiment)
-        if found is not None:
-            if found.lifecycle_stage == "deleted":
-                client.restore_experiment(found.experiment_id)
-            return found.experiment_id
-        return client.create_experiment(experiment, artifact_location=artifacts)
+        client = open_client(uri)
+        with schema_lock(uri):
+            found = retry_locked(client.get_experiment_by_name)(experiment)
+            if found is not None:
+                if found.lifecycle_stage == "deleted":
+                    retry_locked(client.restore_experiment)(found.experiment_id)
+                return found.experiment_id
+            try:
+                return retry_locked(client.create_experiment)(experiment, artifact_location=artifacts)
+            except MlflowException as exc:
+                if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+                    raise
+                return retry_locked(client.get_experiment_by_name)(experiment).experiment_id
     except MlflowException as exc:
-        if "RESOURCE_ALREADY_EXISTS" in str(exc.error_code):  # another process created it first
-            return client.get_experiment_by_name(experiment).experiment_id
         cause = exc.message.strip().split(". ")[0]  # MLflow's first sentence; the rest is a docs link
         raise GaplessError(uri, f"MLflow backend unusable: {cause}", "check mlflow.tracking_uri / MLFLOW_TRACKING_URI") from None
+
+
+def run_tags(run_dir: str | Path) -> dict:
+    """Tags that tie a training run to its output folder and its process (for ``stale_runs``)."""
+    return {"gapless.run_dir": str(Path(run_dir).resolve()), "gapless.host": socket.gethostname(),
+            "gapless.pid": str(os.getpid())}
+
+
+def _process_started(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), from /proc; None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        ticks = float(stat[stat.rindex(")") + 2 :].split()[19])  # field 22, after the (command)
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def training_alive(pid: int, since: float | None = None) -> bool:
+    """Whether ``pid`` is a live ``gapless train`` process of this host (started by ``since`` when given).
+
+    Another process that reuses the pid is not: its command line is not a gapless training, or it
+    started after the run it would own (``since``: the run's start, seconds since the epoch).
+    """
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        args = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: whether the pid exists is all there is to know
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass
+        return True
+    gapless = any(Path(a).name == "gapless" for a in args) or any(
+        a == "-m" and b in ("pipeline", "pipeline.cli") for a, b in zip(args, args[1:]))
+    if not (gapless and "train" in args):
+        return False  # gone (a zombie's command line is empty), or the pid now belongs to another program
+    started = _process_started(pid) if since is not None else None
+    return started is None or started <= since + 1.0  # /proc/stat's boot time has one-second resolution
+
+
+def stale_runs(uri: str, experiment_id: str, run_dir: str | Path) -> list:
+    """The RUNNING runs of ``experiment_id`` that wrote to ``run_dir`` and whose process is gone.
+
+    Raises GaplessError when one of them belongs to a training still alive on this host: two
+    processes must not write into one folder. A run on another host cannot be checked and counts as
+    gone (the workflow never trains one folder twice at once).
+    """
+    folder = str(Path(run_dir).resolve())
+    client = open_client(uri)
+    found, token = [], None
+    while True:
+        page = retry_locked(client.search_runs)([experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                                max_results=1000, page_token=token)
+        found.extend(r for r in page if r.data.tags.get("gapless.run_dir") == folder)
+        token = page.token
+        if not token:
+            break
+    host = socket.gethostname()
+    for r in found:
+        pid = r.data.tags.get("gapless.pid", "")
+        if (r.data.tags.get("gapless.host") == host and pid.isdigit()
+                and training_alive(int(pid), (r.info.start_time or 0) / 1000)):
+            raise GaplessError(run_dir, f"another training is writing to this folder (pid {pid}, "
+                                        f"MLflow run {r.info.run_id})",
+                               f"wait for it to finish, or stop it (kill {pid}) and run again")
+    return found
 
 
 def flatten(config: dict, prefix: str = "") -> dict:
@@ -101,17 +237,13 @@ class RunLogger:
     """A thin, retrying wrapper over one MLflow run (params, metrics per step, artifacts, tags)."""
 
     def __init__(self, uri: str, run_id: str):
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = open_client(uri)
         self.run_id = run_id
 
     @classmethod
     def start(cls, uri: str, experiment_id: str, name: str, parent_run_id: str | None = None,
               tags: dict | None = None) -> "RunLogger":
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=uri)
+        client = open_client(uri)
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
@@ -141,6 +273,17 @@ class RunLogger:
 
     def finish(self, status: str = "FINISHED") -> None:
         retry_locked(self.client.set_terminated)(self.run_id, status)
+
+    def supersede(self, stale: list) -> None:
+        """Mark ``stale`` runs (from ``stale_runs``) KILLED, now, and tag them superseded by this run.
+
+        Their artifacts (what they logged before dying) stay with them.
+        """
+        for r in stale:
+            retry_locked(self.client.set_tag)(r.info.run_id, "gapless.superseded_by", self.run_id)
+            retry_locked(self.client.set_terminated)(r.info.run_id, "KILLED")
+            log.warning("marked stale run %s (pid %s on host %s) as KILLED", r.info.run_id,
+                        r.data.tags.get("gapless.pid", "?"), r.data.tags.get("gapless.host", "?"))
 
 
 def setup_comparison(experiment: str, configured_uri: str | None = None, results: str | Path = "results",

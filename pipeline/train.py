@@ -48,6 +48,37 @@ class TrainSettings:
     device: str = "auto"  # auto (CUDA when present) | cuda | cpu
     workers: int | None = None  # data-loader processes; None: from ``threads`` (see loader_workers)
     head_kwargs: dict = field(default_factory=dict)
+    accept_flagged: bool = False  # train on stores that QC flagged (e.g. annotations off the tissue)
+
+    def validate(self) -> "TrainSettings":
+        """``self`` when every value is usable; one ``GaplessError`` naming each bad one otherwise."""
+        problems = []
+
+        def need(ok: bool, flag: str, value, rule: str) -> None:
+            if not ok:
+                problems.append(f"--{flag} must be {rule}, got {value!r}")
+
+        finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
+        need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", self.epochs, "a whole number of 1 or more")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 2, "batch-size", self.batch_size,
+             "a whole number of 2 or more (batch norm needs two)")
+        need(finite(self.lr) and self.lr > 0, "lr", self.lr, "a positive number")
+        need(finite(self.weight_decay) and self.weight_decay >= 0, "weight-decay", self.weight_decay, "0 or more")
+        need(finite(self.warmup_epochs) and self.warmup_epochs >= 0, "warmup-epochs", self.warmup_epochs, "0 or more")
+        need(finite(self.grad_clip) and self.grad_clip > 0, "grad-clip", self.grad_clip, "a positive number")
+        need(self.image_size is None or (isinstance(self.image_size, int) and self.image_size >= 16), "image-size",
+             self.image_size, "at least 16 px")
+        need(self.steps_per_epoch is None or (isinstance(self.steps_per_epoch, int) and self.steps_per_epoch >= 1),
+             "steps-per-epoch", self.steps_per_epoch, "1 or more")
+        need(self.device in ("auto", "cuda", "cpu"), "device", self.device, "auto, cuda or cpu")
+        need(self.kind in ("slide", "image"), "kind", self.kind, "slide or image")
+        fractions = list(self.split_fractions)
+        need(len(fractions) == 3 and all(finite(f) and f >= 0 for f in fractions) and sum(fractions) > 0, "split",
+             fractions, "three numbers of 0 or more for train, val and test, not all 0")
+        need(isinstance(self.head_kwargs, dict), "head-kwargs", self.head_kwargs, "a JSON object")
+        if problems:
+            raise GaplessError(None, "; ".join(problems), "fix the value (in the workflow: the `train` section of the config)")
+        return self
 
 
 def code_version() -> str:
@@ -222,12 +253,13 @@ def _plots(test: dict, classes: list[str], out: Path) -> list[Path]:
     return paths
 
 
-def train_cohort(sheet, tiles_dir, classes, settings: "TrainSettings", out_dir, uri: str, experiment_id: str,
-                 parent_run_id: str | None = None, config: dict | None = None, progress: bool = True) -> dict:
+def train_cohort(sheet, tiles_dir, classes, settings: "TrainSettings", out_dir, uri: str | None = None,
+                 experiment_id: str | None = None, parent_run_id: str | None = None, config: dict | None = None,
+                 progress: bool = True, connect=None) -> dict:
     """``train`` on the samples of a sheet whose stores are ``tiles_dir/{sample_id}.zarr``.
 
     Samples without a ``kind`` get it from their file; a cohort sample without a store is an error
-    naming the store (tile it first).
+    naming the store (tile it first). ``connect``: see :func:`train`.
     """
     from pipeline.models import get_head_class
     from pipeline.samples import load_sample_sheet, with_kinds
@@ -243,11 +275,12 @@ def train_cohort(sheet, tiles_dir, classes, settings: "TrainSettings", out_dir, 
             raise GaplessError(store, f"no tile store for sample {s.sample_id}", f"tile it first: gapless tile {s.path} --out {store}")
         stores[s.sample_id] = store
     return train(samples, stores, classes, settings, out_dir, uri, experiment_id, parent_run_id,
-                 sheet_path=sheet, progress=progress, config=config)
+                 sheet_path=sheet, progress=progress, config=config, connect=connect)
 
 
-def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, experiment_id: str,
-          parent_run_id: str | None = None, sheet_path=None, progress: bool = True, config: dict | None = None) -> dict:
+def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str | None = None,
+          experiment_id: str | None = None, parent_run_id: str | None = None, sheet_path=None, progress: bool = True,
+          config: dict | None = None, connect=None) -> dict:
     """Train ``settings.head`` on the tiles of ``samples`` (kind ``settings.kind``); return final metrics.
 
     ``stores``: sample_id → tile store path. Writes ``out_dir/weights.safetensors``, ``model.json``,
@@ -255,7 +288,9 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, 
     ``test_maps.png``), and logs the same to a child run of ``parent_run_id``; ``config`` (the
     pipeline's resolved config) is logged as ``config.*`` params beside the run's own settings.
     The files are made in ``<out_dir>.partial`` and moved into ``out_dir`` only when the run has
-    finished, so a failed or interrupted run leaves none of them behind.
+    finished, so a failed or interrupted run leaves none of them behind. ``connect``: instead of
+    ``uri``, ``experiment_id`` and ``parent_run_id``, a function returning them, called once the
+    data has passed its checks (split, QC flags, tiles per class), so bad input touches no tracking store.
     """
     import torch
     from safetensors.torch import save_file
@@ -264,8 +299,11 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, 
     from pipeline import data
     from pipeline.device import autocast_for, resolve_device
     from pipeline.models import create_model
-    from pipeline.tracking import RunLogger, flatten
+    from pipeline.splits import SPLIT_FIX, check_split
+    from pipeline.files import check_output_target
+    from pipeline.tracking import RunLogger, flatten, run_tags, stale_runs
 
+    check_output_target(out_dir)  # a name of its own, not a folder above it: only <out_dir>.partial is ever removed
     set_determinism(settings.seed)
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -275,10 +313,19 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, 
     cohort = [s for s in samples if s.kind == settings.kind]
     if not cohort:
         raise GaplessError(sheet_path, f"no samples of kind {settings.kind!r} to train on", "set train.kind to slide or image")
-    splits = data.split_samples(cohort, settings.seed, settings.split_fractions)
-    split_ids = {name: sorted(s for s, v in splits.items() if v == name) for name in ("train", "val", "test")}
-    table = data.build_tile_table(cohort, stores, classes)
+    split = check_split(cohort, settings.seed, settings.split_fractions, classes)
+    if split.errors:
+        raise GaplessError(sheet_path, "; ".join(split.errors), SPLIT_FIX)
+    for warning in split.warnings:
+        log.warning("%s", warning)
+    split_ids = {name: sorted(s for s, v in split.assignment.items() if v == name) for name in ("train", "val", "test")}
+    table = data.build_tile_table(cohort, stores, classes, accept_flagged=settings.accept_flagged)
     parts = {name: table.for_samples(ids) for name, ids in split_ids.items()}
+    missing = [c for c, n in zip(classes, parts["train"].class_counts()) if n == 0]
+    if missing:  # e.g. every positive sample's annotations touch no kept tile, or its store is empty
+        raise GaplessError(sheet_path, f"the training split has no {' or '.join(repr(c) for c in missing)} tile "
+                                       f"(split: {split.description})",
+                           "check the QC table (results/tiles/qc.tsv) for empty stores and annotation flags; " + SPLIT_FIX)
     for name, part in parts.items():
         if len(part) == 0:
             raise GaplessError(sheet_path, f"the {name} split has no tiles", "add samples or change train.split_fractions")
@@ -306,12 +353,17 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, 
     warmup = round(settings.warmup_epochs * steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: cosine_with_warmup(s, warmup, total))
 
+    if connect is not None:
+        uri, experiment_id, parent_run_id = connect()
     out_dir = Path(out_dir)
     work = out_dir.with_name(out_dir.name + ".partial")
+    stale = stale_runs(uri, experiment_id, out_dir)  # refuses while another training writes to out_dir
     shutil.rmtree(work, ignore_errors=True)  # left by a run that was killed
     run = RunLogger.start(uri, experiment_id, f"{settings.head}-seed{settings.seed}", parent_run_id,
-                          tags={"head": settings.head, "seed": str(settings.seed), "backbone": settings.backbone})
+                          tags={"head": settings.head, "seed": str(settings.seed), "backbone": settings.backbone,
+                                **run_tags(out_dir)})
     try:
+        run.supersede(stale)  # KILLED, with an end time: one finished run per folder in the MLflow UI
         work.mkdir(parents=True)
         fingerprint = data.data_fingerprint(sheet_path, [stores[s] for s in table.sample_ids])
         params = {f"train.{k}": v for k, v in asdict(settings).items()}
@@ -385,8 +437,8 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str, 
             if path.name != "run_id.txt":
                 os.replace(path, out_dir / path.name)
         os.replace(work / "run_id.txt", out_dir / "run_id.txt")
-    except BaseException:
-        run.finish("FAILED")
+    except BaseException as exc:  # Ctrl-C and SIGTERM (raised as KeyboardInterrupt by the CLI): KILLED
+        run.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)

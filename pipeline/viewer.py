@@ -139,7 +139,7 @@ def write_slide_pyramid(
 
     try:
         dz = DeepZoomGenerator(osr, tile_size=tile_size, overlap=overlap, limit_bounds=False)
-        with atomic_directory(out_dir) as partial:
+        with atomic_directory(out_dir, holds=f"{DZI_NAME}.dzi") as partial:
             files = partial / f"{DZI_NAME}_files"
             # Levels finer than `coarse` come tile by tile from the generator. `coarse` (the finest level
             # at most COARSE_MAX_SIDE px) comes from it too and is stitched into one picture, from which

@@ -18,7 +18,7 @@ from shapely.geometry import box
 from pipeline import heatmap as hm
 from pipeline.errors import GaplessError
 from pipeline.models import HeadOutput, create_model
-from pipeline.tiling import SCHEMA, TileSettings, tile_source
+from pipeline.tiling import SCHEMA, TileSettings, seal_store, tile_source
 
 CLASSES = ["negative", "positive"]
 RAW = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "classes": CLASSES, "modality": "brightfield"}
@@ -199,6 +199,7 @@ def fake_store(path, width, height, extent, coords, tile_size=16, mpp=0.25):
                        "tile_step": float(extent), "tile_size": tile_size, "source_mpp": mpp, "mpp": mpp * extent / tile_size,
                        "modality": "brightfield", "tissue_mask_downsample": [width / 256, height / 256],
                        "thumbnail_downsample": [width / 64, height / 64]})
+    seal_store(path)  # record its files, as `gapless tile` does: stores are checked on opening
     return path
 
 

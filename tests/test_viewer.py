@@ -134,10 +134,18 @@ def test_pyramid_replaces_an_old_one_and_cleans_partials(site, tmp_path):
     out = tmp_path / "pyr"
     (tmp_path / "pyr.partial").mkdir()  # a killed run's leftovers
     out.mkdir()
+    (out / "slide.dzi").write_text("an older pyramid")
     (out / "stale.txt").write_text("old")
     write_slide_pyramid(site["field"], out, progress=False, tile_size=126)
     assert not (out / "stale.txt").exists() and not (tmp_path / "pyr.partial").exists()
     assert read_pyramid(out)["tile_size"] == 126
+    # a folder that is not a pyramid (e.g. a folder of other outputs) is never replaced
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "finished.json").write_text("{}")
+    with pytest.raises(GaplessError, match="not an output of this kind"):
+        write_slide_pyramid(site["field"], other, progress=False, tile_size=126)
+    assert (other / "finished.json").read_text() == "{}" and not (tmp_path / "other.partial").exists()
 
 
 def test_pyramid_errors(site, tmp_path):

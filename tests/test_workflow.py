@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,18 +58,26 @@ def write_config(path: Path, config: dict) -> Path:
     return path
 
 
+FIXTURES = REPO / "tests" / "data"
+
+
 @pytest.fixture()
 def sheet_workdir(tmp_path: Path) -> Path:
-    """A working directory with two (empty) input files, a sample sheet and a config using it."""
+    """A working directory with four small real slides and a cell image, a sample sheet and a config
+    using it (the sheet check opens every file, and a slide cohort needs a group for each split)."""
     data = tmp_path / "data"
     data.mkdir()
-    (data / "a.svs").write_bytes(b"")
-    (data / "b.tif").write_bytes(b"")
+    for name in ("a", "c", "d", "e"):
+        shutil.copyfile(FIXTURES / "small.svs", data / f"{name}.svs")
+    shutil.copyfile(FIXTURES / "dsb2018-nuclei.tif", data / "b.tif")
     (data / "a.geojson").write_text('{"type": "FeatureCollection", "features": []}')
     (data / "samples.csv").write_text(
         "sample_id,path,label,kind,annotations,mpp\n"
         "a,a.svs,positive,slide,a.geojson,0.25\n"
-        "b,b.tif,negative,image,,\n"
+        "b,b.tif,negative,image,,0.5\n"
+        "c,c.svs,positive,slide,,\n"
+        "d,d.svs,negative,slide,,\n"
+        "e,e.svs,negative,slide,,\n"
     )
     write_config(tmp_path / "config.yaml", {"samples": "data/samples.csv", "results": "out"})
     return tmp_path
@@ -114,15 +123,16 @@ def test_sample_sheet_config_lints_clean_and_plans_no_demo(sheet_workdir: Path) 
     result = snakemake(sheet_workdir, "--configfile", config, "-n", "-p", "--cores", "2")
     assert result.returncode == 0, output(result)
     runs = 1 * 5 * 2  # kinds × heads × seeds of the default config: slides only
-    assert job_counts(result.stdout) == {"all": 1, "mlflow_setup": 1, "tile": 2, "tiles_qc": 1, "train": runs,
-                                         "heatmap": 1 * 5, "slide_pyramid": 1, "sample_page": 1, "heatmap_index": 1,
-                                         "compare": 1, "total": runs + 14}
+    slides = 4
+    assert job_counts(result.stdout) == {"all": 1, "mlflow_setup": 1, "tile": 5, "tiles_qc": 1, "train": runs,
+                                         "heatmap": slides * 5, "slide_pyramid": slides, "sample_page": slides,
+                                         "heatmap_index": 1, "compare": 1, "total": runs + 18 + slides * 5}
     shell = result.stdout
     # per-kind grids from the config defaults, the sheet's mpp and annotations as flags
     assert f"gapless tile {sheet_workdir / 'data' / 'a.svs'} --out out/tiles/a.zarr --kind slide --mpp 1.0" in shell
     assert f"--slide-mpp 0.25 --annotations {sheet_workdir / 'data' / 'a.geojson'}" in shell
     assert "--out out/tiles/b.zarr --kind image --mpp 0.5" in shell
-    assert "gapless qc out/tiles/a.zarr out/tiles/b.zarr --out out/tiles/qc.tsv" in shell
+    assert "gapless qc out/tiles/a.zarr out/tiles/b.zarr out/tiles/c.zarr out/tiles/d.zarr out/tiles/e.zarr --out out/tiles/qc.tsv" in shell
     assert "--allow-empty" not in shell
     # a training job per kind × head × seed, on the stores of its kind, logged under one comparison
     assert "gapless mlflow-setup --experiment gapless --results out" in shell
@@ -145,7 +155,7 @@ def test_tiling_options_reach_the_command(sheet_workdir: Path) -> None:
     assert result.returncode == 0, output(result)
     assert "--tissue none" in result.stdout
     assert "--positive-class Tumor --positive-class DCIS --allow-empty" in result.stdout
-    assert result.stdout.count("--allow-empty") == 2
+    assert result.stdout.count("--allow-empty") == 5
 
 
 def test_sheet_problems_stop_the_dry_run_with_every_problem_listed(sheet_workdir: Path) -> None:

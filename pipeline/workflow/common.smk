@@ -10,7 +10,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from pipeline.errors import SampleSheetError
-from pipeline.samples import Sample, load_sample_sheet, with_kinds
+from pipeline.samples import SAMPLE_ID_PATTERN, Sample, check_sources, load_sample_sheet
 
 
 RESULTS = config["results"]
@@ -51,9 +51,9 @@ def dataset_sheet(name):
 # Jobs with --sdm conda install this checkout into their environment from here (envs/gapless.yaml).
 os.environ.setdefault("GAPLESS_SOURCE", str(workflow.basedir))
 
-# A sample id names its files, so the wildcard only ever matches a sample id.
+# A sample id names its files, so the wildcard only ever matches a sample id (the sheet's rule).
 wildcard_constraints:
-    sample=r"[A-Za-z0-9._-]+",
+    sample=SAMPLE_ID_PATTERN,
     kind=r"slide|image",
     cohort=r"(?:[A-Za-z0-9]+-)?(?:slide|image)",
     head=r"[a-z0-9_]+",
@@ -85,11 +85,35 @@ def demo_samples():
 
 
 def sheet_samples():
-    """The user's samples; every problem of the sheet is listed before any job runs."""
+    """The user's samples; every problem of the sheet (and of its files: each opened cheaply, header and
+    µm/px, remembered in .snakemake/ once it passed) is listed before any job runs."""
     try:
-        return with_kinds(load_sample_sheet(config["samples"], config["classes"]), config["samples"])
+        samples = load_sample_sheet(config["samples"], config["classes"])
+        return check_sources(samples, config["samples"], cache=".snakemake/gapless/source-checks.json")
     except SampleSheetError as error:
         raise WorkflowError(str(error)) from None
+
+
+def config_problems():
+    """What the schema cannot say about the config: settings that must agree with each other."""
+    problems = []
+    seed, seeds = config["heatmaps"]["seed"], config["train"]["seeds"]
+    if seed is not None and seed not in seeds:
+        problems.append(f"heatmaps.seed {seed} is not one of train.seeds {seeds}: the viewer shows a trained seed's "
+                        f"maps; set heatmaps.seed to one of {seeds}, or to null for the first")
+    names = [entry["name"] for entry in config["sweep"]]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        problems.append(f"sweep names given twice: {', '.join(repeated)}; give every sweep entry its own name")
+    if config["sweep"] and config["samples"]:
+        problems.append("sweep is set together with samples: a sweep varies the synthetic demo; "
+                        "set samples to \"\" to run the sweep, or sweep to [] to run your sheet")
+    if problems:
+        raise WorkflowError("config: " + "; ".join(problems) if len(problems) == 1 else
+                            "config problems:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+config_problems()
 
 
 _DATASET_SAMPLES = demo_samples() if DEMO_MODE else {s.sample_id: ("", s) for s in sheet_samples()}
@@ -263,6 +287,8 @@ def train_options(wildcards):
     head_kwargs = t["head_kwargs"].get(wildcards.head)
     if head_kwargs:
         options += ["--head-kwargs", json.dumps(head_kwargs)]
+    if t["accept_flagged"]:
+        options.append("--accept-flagged")
     return shlex.join(str(o) for o in options)
 
 
@@ -350,3 +376,44 @@ def report_heatmap_options(wildcards):
     for head in config["train"]["heads"]:
         options += ["--heatmap", f"{head}={HEATMAPS}/{head}/seed{viewer_seed()}/{sample_id}.png"]
     return shlex.join(options)
+
+
+# splits: checked for every cohort and seed before any job runs ----------------------------------------
+
+
+def check_splits():
+    """Refuse a cohort whose training split would lack a class, or whose validation and test splits
+    would both lack one; say on the console when one of them would (the split `gapless train` makes:
+    by group, fixed by the seed)."""
+    import sys
+
+    from pipeline.errors import GaplessError
+    from pipeline.splits import SPLIT_FIX, check_split
+
+    errors, warnings = [], []
+    for cohort in cohorts():
+        members = [sample for sample_id, sample in SAMPLES.items() if cohort_of(sample_id) == cohort]
+        for seed in config["train"]["seeds"]:
+            try:
+                check = check_split(members, seed, config["train"]["split"], config["classes"])
+            except GaplessError as error:
+                errors.append(f"{cohort}: {error.message}")
+                break
+            errors += [f"{cohort}: {e}" for e in check.errors]
+            warnings += [f"{cohort}: {w}" for w in check.warnings]
+    for warning in warnings:
+        print(f"gapless: warning: {warning}", file=sys.stderr)
+    if errors:
+        raise WorkflowError("the split cannot work:\n" + "\n".join(f"  {e}" for e in errors) + f"\nfix: {SPLIT_FIX}")
+
+
+check_splits()
+
+
+# failure --------------------------------------------------------------------------------------------
+
+
+onerror:
+    from pipeline.joblogs import print_failed_job_errors
+
+    print_failed_job_errors(log)

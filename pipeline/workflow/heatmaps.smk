@@ -25,7 +25,7 @@ rule heatmap:
     conda:
         "../../envs/gapless.yaml"
     shell:
-        "gapless heatmap {input.store:q} {params.models} --sample {wildcards.sample}"
+        "gapless heatmap {input.store:q} {params.models} --sample={wildcards.sample}"
         " --normalisation {params.normalisation} --batch-size {params.batch_size}"
         " --device {params.device} --threads {threads}"
         " --comparison {input.comparison:q} {params.options} > {log:q} 2>&1"

@@ -38,4 +38,5 @@ rule tiles_qc:
     conda:
         "../../envs/gapless.yaml"
     shell:
-        "gapless qc {input:q} --out {output:q} > {log:q} 2>&1"
+        # through tee: the QC flags (empty stores, annotations off the tissue) show on the console too
+        "gapless qc {input:q} --out {output:q} 2>&1 | tee {log:q}"

@@ -421,3 +421,18 @@ def test_a_failed_job_shows_its_own_error_on_the_console(tmp_path):
     assert "tile (results/logs/tile/s.log): gapless tile: error:" in result.stderr
     assert "1 of 1 positive objects are entirely outside the 2220×2967-px image" in result.stderr
     assert not (tmp_path / "results" / "tiles" / "s.zarr").exists()
+
+
+def test_train_refuses_a_store_with_a_missing_shard_before_any_step(cohort, tmp_path):
+    root, sheet, tiles, run = cohort
+    damaged = tmp_path / "tiles"
+    shutil.copytree(tiles, damaged)
+    shard = sorted((damaged / "slide-01.zarr" / "tiles" / "c").rglob("*"))[-1]
+    shard.unlink()
+    result = gapless("train", "--samples", sheet, "--tiles", damaged, "--out", tmp_path / "run", "--epochs", 1,
+                     "--batch-size", 4, "--steps-per-epoch", 1, "--threads", 1,
+                     "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db")
+    line = one_error_line(result, "train")
+    assert f"{damaged / 'slide-01.zarr'}: damaged tile store: 1 of" in line and "shard files missing" in line
+    assert "re-tile it" in line
+    assert not (tmp_path / "run").exists() and not (tmp_path / "mlflow.db").exists()

@@ -13,6 +13,7 @@ from pathlib import Path
 from pipeline import SNAKEMAKE_MARKER_WARNING, __version__
 from pipeline.errors import GaplessError, one_line, os_error_message
 from pipeline.files import atomic_write_text, outputs
+from pipeline.settings import HeatmapSettings, add_setting_flags, json_object, positive_int, settings_from_args
 
 log = logging.getLogger("gapless")
 
@@ -25,35 +26,12 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def _add_tile_geometry(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mpp", type=float, default=0.5, help="µm/px of the tiles (default 0.5)")
-    p.add_argument("--tile-size", type=int, default=224, help="tile width and height in px (default 224)")
-    p.add_argument("--stride", type=int, default=None, help="px between tiles at the tile scale (default: tile size)")
-    p.add_argument("--slide-mpp", type=float, default=None, help="µm/px of the source at full resolution, overriding its metadata")
-    p.add_argument("--kind", choices=["slide", "image"], default=None, help="reader: slide (OpenSlide) or image (tifffile/Pillow); inferred when absent")
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text[:80]!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object {{...}}, got {text[:80]!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
+_TILE_GEOMETRY = ("mpp", "tile_size", "stride", "slide_mpp", "kind")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``gapless`` parser. A stage's settings flags (and ``--settings JSON``) come from its settings
+    dataclass's fields (``pipeline.settings``): a new field is a new flag, with no edit here."""
     parser = argparse.ArgumentParser(
         prog="gapless",
         description="Many-instance histology and microscopy: tiles, heads, heatmaps, comparison.",
@@ -61,81 +39,73 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gapless {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_demo, _add_tile, _add_info, _add_qc, _add_mlflow_setup, _add_train, _add_heatmap, _add_pyramid,
+                _add_page, _add_index, _add_report, _add_bench):
+        add(sub)
+    return parser
+
+
+def _add_demo(sub) -> None:
+    from pipeline.demo import DemoSettings
 
     p = sub.add_parser("demo", help="generate the synthetic many-instance demo dataset")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--slides", type=int, default=8, help="number of whole slides (default 8)")
-    p.add_argument("--images", type=int, default=8, help="number of fluorescence fields (default 8)")
-    p.add_argument("--slide-width", type=int, default=3072, help="slide width, level-0 px")
-    p.add_argument("--slide-height", type=int, default=2304, help="slide height, level-0 px")
-    p.add_argument("--slide-mpp", type=float, default=0.5, help="slide µm/px at level 0")
-    p.add_argument("--image-size", type=int, default=1024, help="fluorescence field size, px")
-    p.add_argument("--image-mpp", type=float, default=0.5, help="fluorescence field µm/px")
-    p.add_argument("--cell-density", type=float, default=None, help="cells per 10,000 µm²")
-    p.add_argument("--witness-fraction", type=float, default=None, help="fraction of witness cells in a positive region")
-    p.add_argument("--lesions", type=int, default=None, help="lesion regions per positive slide")
-    p.add_argument("--seed", type=int, default=0)
+    add_setting_flags(p, DemoSettings)
     p.add_argument("--id-prefix", default="", help="put before every sample id and group in the sheet (several datasets in one run)")
+
+
+def _add_tile(sub) -> None:
+    from pipeline.tiling import TileSettings
 
     p = sub.add_parser("tile", help="tile a slide or cell image into a zarr store")
     p.add_argument("input", type=Path, help="slide (any OpenSlide format) or cell image (TIFF, OME-TIFF, PNG, JPEG)")
     p.add_argument("--out", required=True, type=Path, help="output store, e.g. results/tiles/S1.zarr")
-    _add_tile_geometry(p)
-    p.add_argument("--min-tissue", type=float, default=0.25, help="keep tiles with at least this tissue fraction (default 0.25)")
-    p.add_argument("--tissue", default="auto", choices=["auto", "brightfield", "fluorescence", "none"], help="tissue mask (default: detect brightfield or fluorescence)")
-    p.add_argument("--annotations", type=Path, default=None, help="GeoJSON (QuPath export) for tile labels")
-    p.add_argument("--positive-class", action="append", default=[], metavar="NAME", help="annotation class that makes a tile positive (repeatable; default: any)")
+    add_setting_flags(p, TileSettings)
+    p.add_argument("--allow-empty", dest="on_empty", action="store_const", const="flag", default=argparse.SUPPRESS,
+                   help="write an empty store flagged 'no tissue' instead of failing (= --on-empty flag)")
     p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
-    p.add_argument("--allow-empty", action="store_true", help="write an empty store flagged 'no tissue' instead of failing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store (only once the new one is complete)")
 
+
+def _add_info(sub) -> None:
     p = sub.add_parser("info", help="print a tile store's attributes and tile count as JSON, after checking it is complete")
     p.add_argument("store", type=Path)
     p.add_argument("--verify", action="store_true",
                    help="also read every tile and check its checksum (finds a changed byte; reads the whole store)")
 
+
+def _add_qc(sub) -> None:
     p = sub.add_parser("qc", help="one QC row per tile store, as TSV")
     p.add_argument("stores", type=Path, nargs="+")
     p.add_argument("--out", type=Path, required=True, help="output TSV")
 
+
+def _add_mlflow_setup(sub) -> None:
     p = sub.add_parser("mlflow-setup", help="create the MLflow backend, experiment and comparison (parent) run once")
     p.add_argument("--experiment", required=True, help="experiment name")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///RESULTS/mlflow.db)")
     p.add_argument("--results", type=Path, default=Path("results"), help="results folder (default results)")
     p.add_argument("--run-name", default="comparison", help="name of the parent run (default comparison)")
-    p.add_argument("--config", type=_json_object, default=None, help="the resolved config as JSON text, logged as the parent run's params")
+    p.add_argument("--config", type=json_object, default=None, help="the resolved config as JSON text, logged as the parent run's params")
     p.add_argument("--out", type=Path, required=True, help="JSON written with tracking_uri, experiment_id, parent_run_id")
+
+
+def _add_train(sub) -> None:
+    from pipeline.train_settings import TrainSettings
 
     p = sub.add_parser("train", help="train one head × seed on the tile stores of a sample sheet, tracked in MLflow")
     p.add_argument("--samples", type=Path, required=True, help="sample sheet (CSV)")
     p.add_argument("--tiles", type=Path, required=True, help="folder of the tile stores, TILES/{sample_id}.zarr")
     p.add_argument("--out", type=Path, required=True, help="run folder: weights.safetensors, model.json, metrics.json, run_id.txt, plots")
     p.add_argument("--classes", nargs="+", default=["negative", "positive"], help="labels in output order (default negative positive)")
-    p.add_argument("--head", default="gap", help="gap | max | cbam | attnpool | saol (default gap)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kind", choices=["slide", "image"], default="slide", help="which samples form the cohort (default slide)")
-    p.add_argument("--backbone", default="resnet10t", help="timm model name (default resnet10t)")
-    p.add_argument("--pretrained", default="false", help="false | true (timm hub) | a local weights file (default false)")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--image-size", type=int, default=None, help="px fed to the model (default: the tile size)")
-    p.add_argument("--steps-per-epoch", type=int, default=None, help="batches per epoch (default: one pass over the training tiles)")
-    p.add_argument("--split", type=float, nargs=3, default=(0.5, 0.25, 0.25), metavar=("TRAIN", "VAL", "TEST"),
-                   help="fractions of groups per split when the sheet has no split column (default 0.5 0.25 0.25)")
-    p.add_argument("--head-kwargs", type=_json_object, default={}, help='the head\'s own options as JSON, e.g. \'{"num_heads": 2}\'')
-    p.add_argument("--accept-flagged", action="store_true",
-                   help="train on tile stores that QC flagged (e.g. annotations off the tissue) instead of refusing them")
-    p.add_argument("--threads", type=_positive_int, default=2, help="CPU threads: torch threads and data-loader workers (default 2)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present, default) | cuda | cpu")
+    add_setting_flags(p, TrainSettings)
     p.add_argument("--comparison", type=Path, default=None, help="JSON from `gapless mlflow-setup`: log as a child of its parent run")
     p.add_argument("--tracking-uri", default=None, help="without --comparison: MLflow URI (default sqlite:///results/mlflow.db)")
     p.add_argument("--experiment", default="gapless", help="without --comparison: experiment name (default gapless)")
-    p.add_argument("--config", type=_json_object, default=None, help="the pipeline's resolved config as JSON text, logged as config.* params")
+    p.add_argument("--config", type=json_object, default=None, help="the pipeline's resolved config as JSON text, logged as config.* params")
 
+
+def _add_heatmap(sub) -> None:
     p = sub.add_parser("heatmap", help="stitch trained heads' spatial maps onto a slide: OME-Zarr, PNG, overlay, scores")
     p.add_argument("store", type=Path, help="tile store of the sample (results/tiles/{sample}.zarr)")
     p.add_argument("--model", type=Path, action="append", required=True, metavar="RUN_DIR",
@@ -143,23 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, action="append", required=True, metavar="DIR",
                    help="output folder, one per --model, in the same order")
     p.add_argument("--sample", default=None, help="sample id (default: the store's name)")
-    p.add_argument("--normalisation", default="rank", choices=["rank", "raw", "attention"],
-                   help="rank: per-slide percentile, the same [0, 1] scale for every head (default); raw: the positive "
-                        "class's contribution; attention: the tile probability spread by the head's attention")
+    add_setting_flags(p, HeatmapSettings)
     p.add_argument("--annotations", type=Path, default=None, help="GeoJSON of the positive objects for scoring (default: the one recorded at tiling)")
     p.add_argument("--positive-class", action="append", default=[], metavar="NAME", help="annotation class that counts as positive (repeatable)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, default) | cuda | cpu")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--comparison", type=Path, default=None, help="JSON from `gapless mlflow-setup`: log scores and the PNG to each model's run")
     p.add_argument("--tracking-uri", default=None, help="without --comparison: MLflow URI of the models' runs (default: no logging)")
 
+
+def _add_pyramid(sub) -> None:
     p = sub.add_parser("pyramid", help="Deep Zoom pyramid of a slide or cell image for the viewer")
     p.add_argument("source", type=Path)
     p.add_argument("--out", type=Path, required=True, help="output folder (slide.dzi, slide_files/)")
     p.add_argument("--kind", choices=["slide", "image"], default=None)
     p.add_argument("--workers", type=int, default=1, help="threads (default 1)")
 
+
+def _add_page(sub) -> None:
     p = sub.add_parser("page", help="the static viewer page of one sample: slide, heads' overlays, scores")
     p.add_argument("sample", help="sample id")
     p.add_argument("--pyramid", type=Path, required=True, help="folder written by `gapless pyramid`")
@@ -169,10 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", type=Path, default=None, help="GeoJSON outlines to draw (e.g. the witness cells)")
     p.add_argument("--info", action="append", default=[], metavar="KEY=VALUE", help="shown on the page and the index (repeatable)")
 
+
+def _add_index(sub) -> None:
     p = sub.add_parser("index", help="the index page linking every sample page, with each head's scores")
     p.add_argument("summaries", type=Path, nargs="+", help="summary JSONs written by `gapless page`")
     p.add_argument("--out", type=Path, required=True, help="results/heatmaps/index.html")
 
+
+def _add_report(sub) -> None:
     p = sub.add_parser("report", help="the comparison from MLflow: means and intervals over seeds, each head against gap")
     p.add_argument("--comparison", type=Path, default=None, help="JSON from `gapless mlflow-setup` (tracking URI, parent run)")
     p.add_argument("--tracking-uri", default=None, help="instead of --comparison: the MLflow URI")
@@ -185,11 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "config.demo.cell_density)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the report to the comparison run")
 
+
+def _add_bench(sub) -> None:
+    from pipeline.tiling import TileSettings
+
     p = sub.add_parser("bench", help="measured speed ratios")
     bench = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
     b = bench.add_parser("tiling", help="the tiler against a bare read-only loop over the same tile grid")
     b.add_argument("slide", type=Path)
-    _add_tile_geometry(b)
+    add_setting_flags(b, TileSettings, only=_TILE_GEOMETRY, settings_flag=False)
     b.add_argument("--workers", type=int, default=None, help="also measure with this many processes (default: all cores)")
     b.add_argument("--repeat", type=int, default=1, help="repeat each measurement and keep the fastest")
     b = bench.add_parser("heads", help="forward+backward time of each head relative to gap, and the data loader against the model")
@@ -204,19 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--loader-workers", type=int, default=None, help="data-loader processes (default: all cores)")
     b.add_argument("--loader-batches", type=int, default=20, help="batches the loader is timed over (default 20)")
     b.add_argument("--device", default=None, help="cuda | cpu (default: cuda when present)")
-    return parser
 
 
 def _run_demo(args) -> None:
     from pipeline.demo import DemoSettings, generate
 
-    knobs = {
-        "slides": args.slides, "images": args.images, "slide_width": args.slide_width,
-        "slide_height": args.slide_height, "slide_mpp": args.slide_mpp, "image_size": args.image_size,
-        "image_mpp": args.image_mpp, "cell_density": args.cell_density,
-        "witness_fraction": args.witness_fraction, "lesions": args.lesions, "seed": args.seed,
-    }
-    settings = DemoSettings(**{k: v for k, v in knobs.items() if v is not None})
+    settings = settings_from_args(DemoSettings, args)
     t0 = time.perf_counter()
     sheet = generate(args.out, settings, progress=not args.quiet, id_prefix=args.id_prefix)
     n = settings.slides + settings.images
@@ -226,18 +198,13 @@ def _run_demo(args) -> None:
 def _run_tile(args) -> None:
     from pipeline.tiling import TileSettings, tile_source
 
-    settings = TileSettings(
-        mpp=args.mpp, tile_size=args.tile_size, stride=args.stride, min_tissue=args.min_tissue,
-        tissue=args.tissue, slide_mpp=args.slide_mpp, kind=args.kind,
-        annotations=str(args.annotations) if args.annotations else None,
-        positive_classes=tuple(args.positive_class), allow_empty=args.allow_empty,
-    )
+    settings = settings_from_args(TileSettings, args)
     result = tile_source(args.input, args.out, settings, workers=args.workers, overwrite=args.overwrite, progress=not args.quiet)
     print(result.summary())
 
 
 def _run_info(args) -> None:
-    from pipeline.tiling import store_info
+    from pipeline.store import store_info
 
     print(json.dumps(store_info(args.store, verify=args.verify), indent=2, ensure_ascii=False))
 
@@ -255,17 +222,19 @@ def _run_qc(args) -> None:
 
 def _run_bench(args) -> None:
     if args.bench == "heads":
-        from pipeline.models.bench import bench_heads
+        from pipeline.bench.heads import bench_heads
 
         bench_heads(backbone=args.backbone, image_size=args.image_size, batch_size=args.batch_size, heads=args.heads,
                     steps=args.steps, warmup=args.warmup, device=args.device, channels=args.channels, store=args.store,
                     loader_workers=args.loader_workers, loader_batches=args.loader_batches)
     else:
-        from pipeline.bench import bench_tiling
+        from pipeline.bench.tiling import bench_tiling
+        from pipeline.tiling import TileSettings
 
+        grid = settings_from_args(TileSettings, args)
         bench_tiling(
-            args.slide, mpp=args.mpp, tile_size=args.tile_size, stride=args.stride, slide_mpp=args.slide_mpp,
-            kind=args.kind, workers=args.workers, repeat=args.repeat,
+            args.slide, mpp=grid.mpp, tile_size=grid.tile_size, stride=grid.stride, slide_mpp=grid.slide_mpp,
+            kind=grid.kind, workers=args.workers, repeat=args.repeat,
         )
 
 
@@ -309,18 +278,12 @@ def _key_values(items: list[str], flag: str, example: str) -> dict[str, str]:
 
 def _run_train(args) -> None:
     from pipeline.device import resolve_device
-    from pipeline.train import TrainSettings, train_cohort
+    from pipeline.train import train_cohort
+    from pipeline.train_settings import TrainSettings
 
-    resolve_device(args.device)  # a missing GPU stops here, before the MLflow store is touched
-
-    pretrained = {"false": False, "true": True}.get(str(args.pretrained).lower(), args.pretrained)
-    settings = TrainSettings(
-        backbone=args.backbone, head=args.head, seed=args.seed, pretrained=pretrained, kind=args.kind,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs, grad_clip=args.grad_clip, image_size=args.image_size,
-        steps_per_epoch=args.steps_per_epoch, split_fractions=tuple(args.split), threads=args.threads,
-        device=args.device, head_kwargs=args.head_kwargs, accept_flagged=args.accept_flagged,
-    ).validate()  # a bad value stops here, before the MLflow store is touched
+    settings = settings_from_args(TrainSettings, args)
+    resolve_device(settings.device)  # a missing GPU stops here, before the MLflow store is touched
+    settings.validate()  # a bad value stops here, before the MLflow store is touched
     comparison = _comparison(args.comparison) if args.comparison else None
 
     def connect() -> tuple[str, str, str | None]:
@@ -337,7 +300,7 @@ def _run_train(args) -> None:
                            progress=not args.quiet, connect=connect)
     shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("test_auroc", "test_balanced_accuracy", "test_sample_auroc_max")
                       if k in metrics)
-    print(f"train: {args.head} seed {args.seed} on {args.kind}s: {shown} in {time.perf_counter() - t0:.0f} s; "
+    print(f"train: {settings.head} seed {settings.seed} on {settings.kind}s: {shown} in {time.perf_counter() - t0:.0f} s; "
           f"MLflow run {metrics['run_id']} -> {args.out}")
 
 
@@ -362,11 +325,12 @@ def _run_heatmap(args) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+    settings = settings_from_args(HeatmapSettings, args)
     for run_dir, out in zip(args.model, args.out):
         t0 = time.perf_counter()
-        result = heatmap_sample(args.store, run_dir, out, sample_id=args.sample, normalisation=args.normalisation,
+        result = heatmap_sample(args.store, run_dir, out, sample_id=args.sample, normalisation=settings.normalisation,
                                 annotations=args.annotations, positive_classes=tuple(args.positive_class),
-                                batch_size=args.batch_size, tracking_uri=uri, progress=not args.quiet, device=args.device)
+                                batch_size=settings.batch_size, tracking_uri=uri, progress=not args.quiet, device=args.device)
         for head, r in result.items():
             scores = ", ".join(f"{k} {v:.3f}" for k, v in r["scores"].items() if isinstance(v, float))
             print(f"heatmap: {head} ({run_dir}) on {args.store.name}: {r['tiles']} tiles, {r['canvas'][1]}×{r['canvas'][0]} "

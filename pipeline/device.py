@@ -33,3 +33,26 @@ def autocast_for(device):
     if device.type == "cuda":
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return lambda: torch.autocast(device.type, enabled=False)
+
+
+def device_name(device) -> str:
+    """What ``device`` is, for logs, run params and benchmark reports: ``cuda:0 (NVIDIA H200)``, or
+    ``cpu (<model>, N cores, T torch threads)``."""
+    import os
+    from pathlib import Path
+
+    import torch
+
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        model = ""
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip() + ", "
+                    break
+        except OSError:
+            pass
+        return f"cpu ({model}{os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    return str(device)

@@ -12,13 +12,16 @@ import math
 import warnings
 import xml.etree.ElementTree as ET
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import GaplessError
+from pipeline.samples import KINDS
 
-KINDS = ("slide", "image")
+MPP_TOLERANCE = 0.05  # µm/px within 5 % count as the same (a level used as is; stores, models that match)
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".ome.tif", ".ome.tiff")
 
 # Resolution tags written by software that knows nothing of the microscope: 72 dpi (and friends)
@@ -199,25 +202,130 @@ _CONVERT_FIX = "convert it to a tiled pyramidal TIFF with JPEG or deflate compre
 _CORRUPT_FIX = "the file is damaged or truncated: copy it again or re-export it from the scanner software"
 
 
-def infer_kind(path: str | Path) -> str:
-    """``slide`` when OpenSlide reads the file as an RGB pyramid, else ``image`` (read in memory).
+def same_mpp(a: float, b: float) -> bool:
+    """Whether two µm/px values are the same within ``MPP_TOLERANCE`` (relative)."""
+    return abs(float(a) / float(b) - 1) <= MPP_TOLERANCE
 
-    A tiled TIFF with more than 3 channels or more than 8 bits (multi-channel fluorescence) is an
-    image: OpenSlide would reduce it to 8-bit RGBA.
-    """
+
+# ---------------------------------------------------------------------------------------------
+# Which reader opens a file: one ordered list of readers, each with a cheap probe (does this file look
+# like mine?), an opener and a header-only check. Everything that opens a source goes through it:
+# tiling, the viewer's pyramid, the sample sheet's check, kind inference.
+
+
+@dataclass(frozen=True)
+class Reader:
+    """A way to open sources: ``probe(path)`` answers cheaply whether it reads ``path``; ``open(path)``
+    returns a :class:`Source`; ``check(path)`` reads the header only and returns ``(metadata µm/px or
+    None, why not)``, raising what opening would raise."""
+
+    name: str
+    kind: str  # slide | image
+    probe: Callable[[Path], bool]
+    open: Callable[[Path], Source]
+    check: Callable[[Path], tuple[float | None, str]]
+
+
+def _openslide_probe(path: Path) -> bool:
+    """OpenSlide reads it as an RGB pyramid: not a tiled TIFF of more than 3 channels or 8 bits
+    (multi-channel fluorescence, which OpenSlide would reduce to 8-bit RGBA)."""
     import openslide
 
+    fmt = openslide.OpenSlide.detect_format(str(path))
+    return fmt is not None and (fmt != "generic-tiff" or _tiff_is_rgb8(path))
+
+
+def _openslide_check(path: Path) -> tuple[float | None, str]:
+    with OpenSlideSource(path) as source:
+        level = source.level_count - 1
+        w, h = source.level_dimensions[level]
+        source.read_region((0, 0), level, (max(1, min(w, 64)), max(1, min(h, 64))))  # a tile decodes
+        return source.metadata_mpp, source.mpp_note
+
+
+def _tiff_probe(path: Path) -> bool:
+    return path.name.lower().endswith(TIFF_SUFFIXES) or _has_tiff_magic(path)
+
+
+def _tiff_check(path: Path) -> tuple[float | None, str]:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            # the axes check on a stand-in of one pixel per plane: no pixel is read
+            _to_yxc(path, np.zeros([1 if ax in "YX" else n for ax, n in zip(series.axes.upper(), series.shape)]),
+                    series.axes)
+            return _tiff_mpp(tif, tif.pages[0], _ome_root(tif))
+    except GaplessError:
+        raise
+    except Exception as exc:
+        raise GaplessError(path, f"cannot read the TIFF: {exc}", _CORRUPT_FIX) from None
+
+
+def _pillow_check(path: Path) -> tuple[float | None, str]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            fmt = (im.format or path.suffix.lstrip(".")).lower()
+            im.verify()  # the file's structure (and a PNG's checksums), without decoding
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise GaplessError(path, f"not an image gapless can read ({exc})", _FORMAT_FIX) from None
+    return None, f"{fmt.upper()} files carry no microscope calibration"
+
+
+READERS: tuple[Reader, ...] = (
+    Reader("openslide", "slide", _openslide_probe, lambda path: OpenSlideSource(path), _openslide_check),
+    Reader("tifffile", "image", _tiff_probe, lambda path: _open_tiff(path), _tiff_check),
+    Reader("pillow", "image", lambda path: True, lambda path: _open_pillow(path), _pillow_check),
+)
+
+
+def reader_for(path: str | Path, kind: str | None = None) -> tuple[Reader, Path]:
+    """The first reader of ``READERS`` (of ``kind``, when given) whose probe accepts ``path``, and the file
+    it opens (a DICOM folder's first slide file); with ``kind`` given and no probe accepting, the first
+    reader of that kind, whose opening then says why it cannot."""
     path = Path(path)
     if not path.exists():
         raise GaplessError(path, "file not found", "check the path (relative paths in a sample sheet are relative to the sheet)")
+    if kind is not None and kind not in KINDS:
+        raise GaplessError(path, f"unknown kind {kind!r}", f"use {' or '.join(KINDS)}")
     if path.is_dir():
-        return "slide" if _slide_in_folder(path) else "image"
-    fmt = openslide.OpenSlide.detect_format(str(path))
-    if fmt is None:
+        path, kind = _slide_in_folder(path), "slide"
+    candidates = [r for r in READERS if kind is None or r.kind == kind]
+    return next((r for r in candidates if r.probe(path)), candidates[0]), path
+
+
+def infer_kind(path: str | Path) -> str:
+    """``slide`` when OpenSlide reads the file as an RGB pyramid, else ``image`` (read in memory)."""
+    path = Path(path)
+    if path.is_dir() and not any(True for _ in _dicom_files(path)):
         return "image"
-    if fmt == "generic-tiff" and not _tiff_is_rgb8(path):
-        return "image"
-    return "slide"
+    return reader_for(path)[0].kind
+
+
+def open_source(path: str | Path, kind: str | None = None) -> Source:
+    """Open a slide or cell image through its reader; ``kind`` forces the kind, None infers it."""
+    reader, path = reader_for(path, kind)
+    return reader.open(path)
+
+
+def probe_source(path: str | Path, kind: str | None = None, mpp: float | None = None) -> str:
+    """Check cheaply that ``path`` can be tiled, without reading its pixels; return its kind.
+
+    The reader's header-only check (OpenSlide opens it and decodes a corner of its coarsest level;
+    tifffile and Pillow read the header without decoding the image), then µm/px as tiling resolves
+    it (``mpp`` overrides the metadata). Raises the ``GaplessError`` that tiling would raise, so a
+    sample sheet's bad files are all found before any job runs.
+    """
+    reader, path = reader_for(path, kind)
+    metadata_mpp, note = reader.check(path)
+    if mpp is None and metadata_mpp is None:
+        raise GaplessError(path, f"no µm/px in the metadata ({note})" if note else "no µm/px in the metadata", _MPP_FIX)
+    if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
+        raise GaplessError(path, f"µm/px override must be a positive number, got {mpp}", _MPP_FIX)
+    return reader.kind
 
 
 def _tiff_is_rgb8(path: Path) -> bool:
@@ -231,79 +339,16 @@ def _tiff_is_rgb8(path: Path) -> bool:
         return True
 
 
-def open_source(path: str | Path, kind: str | None = None) -> Source:
-    """Open a slide or cell image; ``kind`` forces the reader, None infers it from the file."""
-    path = Path(path)
-    if not path.exists():
-        raise GaplessError(path, "file not found", "check the path")
-    if path.is_dir():
-        path = _slide_in_folder(path)
-        kind = "slide"
-    if kind is None:
-        kind = infer_kind(path)
-    if kind not in KINDS:
-        raise GaplessError(path, f"unknown kind {kind!r}", "use slide or image")
-    if kind == "slide":
-        return OpenSlideSource(path)
-    return _open_image(path)
-
-
-def probe_source(path: str | Path, kind: str | None = None, mpp: float | None = None) -> str:
-    """Check cheaply that ``path`` can be tiled, without reading its pixels; return its kind.
-
-    Opens the file's header (OpenSlide, or tifffile / Pillow without decoding the image), reads one
-    small region of a slide's coarsest level (a slide whose tiles cannot be decoded fails here), and
-    resolves µm/px (``mpp`` overrides the metadata). Raises the ``GaplessError`` that tiling would
-    raise, so a sample sheet's bad files are all found before any job runs.
-    """
-    path = Path(path)
-    kind = kind or infer_kind(path)
-    if kind == "slide":
-        with open_source(path, "slide") as source:
-            level = source.level_count - 1
-            w, h = source.level_dimensions[level]
-            source.read_region((0, 0), level, (max(1, min(w, 64)), max(1, min(h, 64))))
-            source.resolve_mpp(mpp)
-        return kind
-    if path.is_dir():
-        raise GaplessError(path, "a folder, not a cell image", "give the image file itself")
-    name = path.name.lower()
-    if name.endswith(TIFF_SUFFIXES) or _has_tiff_magic(path):
-        import tifffile
-
-        try:
-            with tifffile.TiffFile(path) as tif:
-                series = tif.series[0]
-                # the axes check on a stand-in of one pixel per plane: no pixel is read
-                _to_yxc(path, np.zeros([1 if ax in "YX" else n for ax, n in zip(series.axes.upper(), series.shape)]),
-                        series.axes)
-                metadata_mpp, note = _tiff_mpp(tif, tif.pages[0], _ome_root(tif))
-        except GaplessError:
-            raise
-        except Exception as exc:
-            raise GaplessError(path, f"cannot read the TIFF: {exc}", _CORRUPT_FIX) from None
-    else:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(path) as im:
-                fmt = (im.format or path.suffix.lstrip(".")).lower()
-                im.verify()  # the file's structure (and a PNG's checksums), without decoding
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            raise GaplessError(path, f"not an image gapless can read ({exc})", _FORMAT_FIX) from None
-        metadata_mpp, note = None, f"{fmt.upper()} files carry no microscope calibration"
-    if mpp is None and metadata_mpp is None:
-        raise GaplessError(path, f"no µm/px in the metadata ({note})", _MPP_FIX)
-    if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
-        raise GaplessError(path, f"µm/px override must be a positive number, got {mpp}", _MPP_FIX)
-    return kind
+def _dicom_files(folder: Path):
+    for candidate in sorted(folder.iterdir()):
+        if candidate.suffix.lower() == ".dcm" or (candidate.is_file() and _has_dicom_magic(candidate)):
+            yield candidate
 
 
 def _slide_in_folder(folder: Path) -> Path:
     """A DICOM slide is a folder of .dcm files; OpenSlide opens it from any one of them."""
-    for candidate in sorted(folder.iterdir()):
-        if candidate.suffix.lower() == ".dcm" or (candidate.is_file() and _has_dicom_magic(candidate)):
-            return candidate
+    for candidate in _dicom_files(folder):
+        return candidate
     raise GaplessError(folder, "a folder, and no DICOM (.dcm) slide inside it",
                        "give the slide file itself (for MIRAX, the .mrxs file beside its folder)")
 
@@ -315,13 +360,6 @@ def _has_dicom_magic(path: Path) -> bool:
             return fh.read(4) == b"DICM"
     except OSError:
         return False
-
-
-def _open_image(path: Path) -> ArraySource:
-    name = path.name.lower()
-    if name.endswith(TIFF_SUFFIXES) or _has_tiff_magic(path):
-        return _open_tiff(path)
-    return _open_pillow(path)
 
 
 def _has_tiff_magic(path: Path) -> bool:

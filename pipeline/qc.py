@@ -9,7 +9,7 @@ from typing import Iterable
 import numpy as np
 
 from pipeline.files import atomic_write
-from pipeline.tiling import open_store
+from pipeline.store import open_store, store_attrs
 
 QC_COLUMNS = (
     "sample", "format", "kind", "modality", "level", "downsample", "mpp", "source_mpp", "mpp_source",
@@ -24,25 +24,25 @@ def sample_name(store: str | Path) -> str:
 
 def qc_row(store: str | Path) -> dict:
     root = open_store(store)
-    a = root.attrs
+    a = store_attrs(root, store)
     tissue = root["tissue"][:]
     return {
         "sample": sample_name(store),
-        "format": a["format"],
-        "kind": a["kind"],
-        "modality": a["modality"],
-        "level": a["level"],
-        "downsample": round(a["downsample"], 4),
-        "mpp": round(a["mpp"], 4),
-        "source_mpp": round(a["source_mpp"], 4),
-        "mpp_source": a["mpp_source"],
-        "tiles": int(a["n_tiles"]),
-        "positive_tiles": int(a["n_positive"]) if a.get("annotations") else "",
-        "tissue_area_fraction": a["tissue_area_fraction"],
+        "format": a.format,
+        "kind": a.kind,
+        "modality": a.modality,
+        "level": a.level,
+        "downsample": round(a.downsample, 4),
+        "mpp": round(a.mpp, 4),
+        "source_mpp": round(a.source_mpp, 4),
+        "mpp_source": a.mpp_source,
+        "tiles": int(a.n_tiles),
+        "positive_tiles": int(a.n_positive) if a.annotations else "",
+        "tissue_area_fraction": a.tissue_area_fraction,
         "mean_tile_tissue": round(float(np.mean(tissue)), 4) if len(tissue) else 0.0,
-        "seconds": a["seconds"],
-        "qc_flag": a.get("qc_flag") or "",
-        "source": a["source"],
+        "seconds": a.seconds,
+        "qc_flag": a.qc_flag or "",
+        "source": a.source,
     }
 
 

@@ -133,66 +133,17 @@ def load_sample_sheet(
         for name, cell in zip(columns, cells):
             record.setdefault(name, cell.strip())
         value = {name: record.get(name, "") for name in COLUMNS}
-
         sample_id = value["sample_id"]
         where = f"row {number} ({sample_id})" if sample_id else f"row {number}"
-        id_problem = check_sample_id(sample_id)
-        if id_problem:
-            row_problems.append(id_problem)
-        elif sample_id.casefold() in first_row_of:
-            first_row, first_id = first_row_of[sample_id.casefold()]
-            if first_id == sample_id:
-                row_problems.append(f"duplicate sample_id {sample_id!r} (first in row {first_row})")
-            else:
-                row_problems.append(
-                    f"sample_id {sample_id!r} differs from {first_id!r} (row {first_row}) only by case: their outputs "
-                    "would collide on a case-insensitive filesystem (macOS, Windows); make the ids differ in letters"
-                )
-        else:
-            first_row_of[sample_id.casefold()] = (number, sample_id)
-
-        file_path = _resolve(value["path"], base)
-        if file_path is None:
-            row_problems.append("empty path")
-        elif check_files and not file_path.exists():
-            row_problems.append(f"file not found: {file_path}")
-
-        label = value["label"]
-        if not label:
-            row_problems.append("empty label")
-        elif classes is not None and label not in classes:
-            row_problems.append(f"unknown label {label!r}: the classes are {', '.join(classes)} (config `classes`)")
-
-        kind = value["kind"].lower() or None
-        if kind is not None and kind not in KINDS:
-            row_problems.append(f"bad kind {value['kind']!r}: use {' or '.join(KINDS)}, or leave it blank to infer it")
-
-        annotations = _resolve(value["annotations"], base)
-        if annotations is not None and check_files and not annotations.exists():
-            row_problems.append(f"annotations file not found: {annotations}")
-
-        mpp = None
-        if value["mpp"]:
-            try:
-                mpp = float(value["mpp"])
-            except ValueError:
-                mpp = math.nan
-            if not (math.isfinite(mpp) and mpp > 0):
-                row_problems.append(f"mpp {value['mpp']!r} is not a positive number of µm per pixel")
-                mpp = None
-
-        split = value["split"].lower() or None
-        if split is not None and split not in SPLITS:
-            row_problems.append(f"bad split {value['split']!r}: use {', '.join(SPLITS)}, or leave it blank")
-            split = None
-
-        group = value["group"] or None
-        if group is not None and split is not None:
-            splits_of_group[group][split].append(number)
-
+        id_problem = _id_problem(sample_id, number, first_row_of)
+        row_problems += [id_problem] if id_problem else []
+        fields, field_problems = _read_fields(value, base, check_files, classes)
+        row_problems += field_problems
+        if fields["group"] is not None and fields["split"] is not None:
+            splits_of_group[fields["group"]][fields["split"]].append(number)
         problems.extend(f"{where}: {p}" for p in row_problems)
         if not row_problems:
-            samples.append(Sample(sample_id, file_path, label, group, kind, annotations, mpp, split))
+            samples.append(Sample(sample_id, **fields))
 
     for group, by_split in splits_of_group.items():
         if len(by_split) > 1:
@@ -205,6 +156,64 @@ def load_sample_sheet(
     if problems:
         raise SampleSheetError(sheet, problems)
     return samples
+
+
+def _id_problem(sample_id: str, number: int, first_row_of: dict[str, tuple[int, str]]) -> str | None:
+    """What is wrong with a row's sample id (the rule, or a repeat regardless of case); ``first_row_of``
+    (casefolded id → (row, id as written)) remembers the ids seen."""
+    problem = check_sample_id(sample_id)
+    if problem:
+        return problem
+    first = first_row_of.setdefault(sample_id.casefold(), (number, sample_id))
+    if first[0] == number:
+        return None
+    if first[1] == sample_id:
+        return f"duplicate sample_id {sample_id!r} (first in row {first[0]})"
+    return (f"sample_id {sample_id!r} differs from {first[1]!r} (row {first[0]}) only by case: their outputs "
+            "would collide on a case-insensitive filesystem (macOS, Windows); make the ids differ in letters")
+
+
+def _read_fields(value: dict[str, str], base: Path, check_files: bool,
+                 classes: Sequence[str] | None) -> tuple[dict, list[str]]:
+    """A row's cells but the sample id, read and checked: ``(Sample keyword arguments, problems)``."""
+    problems = []
+    file_path = _resolve(value["path"], base)
+    if file_path is None:
+        problems.append("empty path")
+    elif check_files and not file_path.exists():
+        problems.append(f"file not found: {file_path}")
+
+    label = value["label"]
+    if not label:
+        problems.append("empty label")
+    elif classes is not None and label not in classes:
+        problems.append(f"unknown label {label!r}: the classes are {', '.join(classes)} (config `classes`)")
+
+    kind = value["kind"].lower() or None
+    if kind is not None and kind not in KINDS:
+        problems.append(f"bad kind {value['kind']!r}: use {' or '.join(KINDS)}, or leave it blank to infer it")
+
+    annotations = _resolve(value["annotations"], base)
+    if annotations is not None and check_files and not annotations.exists():
+        problems.append(f"annotations file not found: {annotations}")
+
+    mpp = None
+    if value["mpp"]:
+        try:
+            mpp = float(value["mpp"])
+        except ValueError:
+            mpp = math.nan
+        if not (math.isfinite(mpp) and mpp > 0):
+            problems.append(f"mpp {value['mpp']!r} is not a positive number of µm per pixel")
+            mpp = None
+
+    split = value["split"].lower() or None
+    if split is not None and split not in SPLITS:
+        problems.append(f"bad split {value['split']!r}: use {', '.join(SPLITS)}, or leave it blank")
+        split = None
+    fields = {"path": file_path, "label": label, "group": value["group"] or None, "kind": kind,
+              "annotations": annotations, "mpp": mpp, "split": split}
+    return fields, problems
 
 
 def write_sample_sheet(samples: Iterable[Sample], path: str | Path) -> Path:

@@ -45,101 +45,111 @@ def split_samples(samples: Sequence[Sample], seed: int, fractions: Sequence[floa
     if len(set(ids)) != len(ids):
         twice = sorted(i for i, n in Counter(ids).items() if n > 1)
         raise GaplessError(None, f"sample ids given twice: {', '.join(twice)}", "make every sample_id unique")
-
-    # group key: ("g", name) for a named group, ("s", id) for a sample on its own, so the two never clash
-    members: dict[tuple[str, str], list[Sample]] = {}
-    for s in samples:
-        members.setdefault(("g", s.group) if s.group else ("s", s.sample_id), []).append(s)
-
-    labels = sorted({s.label for s in samples})
-    total = Counter(s.label for s in samples)
-    counts = {split: Counter() for split in SPLITS}
-    size = {split: 0 for split in SPLITS}
-    assigned: dict[tuple[str, str], str] = {}
-
-    def assign(key, split):
-        assigned[key] = split
-        for s in members[key]:
-            counts[split][s.label] += 1
-        size[split] += len(members[key])
-
-    for key, group in members.items():
-        fixed = sorted({s.split for s in group if s.split})
-        if len(fixed) > 1:
-            raise GaplessError(
-                None, f"group {key[1]!r} is fixed to more than one split ({', '.join(fixed)})",
-                "give every sample of a group the same `split`, or none",
-            )
-        if fixed:
-            assign(key, fixed[0])
-
+    plan = _Groups(samples, wanted)
+    plan.place_fixed()
     rng = np.random.default_rng(seed)
-    free = [k for k in members if k not in assigned]
-    free = [free[i] for i in rng.permutation(len(free))]
-    n_groups = len(members)
-    if n_groups < len(wanted):
+    free = [k for k in plan.members if k not in plan.assigned]
+    plan.free = [free[i] for i in rng.permutation(len(free))]
+    if len(plan.members) < len(wanted):
+        n = len(plan.members)
         raise GaplessError(
             None,
-            f"{n_groups} group{'s' if n_groups != 1 else ''} (patients/plates, or samples without a group) "
+            f"{n} group{'s' if n != 1 else ''} (patients/plates, or samples without a group) "
             f"cannot fill {len(wanted)} splits ({', '.join(wanted)}): no group may be on two sides",
             "add samples, set fractions to 0 for a split you do not need, or fix `split` in the sample sheet",
         )
-
-    composition = {key: Counter(s.label for s in group) for key, group in members.items()}
-
-    # Phase 1: one group of each label per split, scarcest label first, while enough groups carry it.
-    def carriers(label):
-        return [k for k in free if k not in assigned and label in composition[k]]
-
-    def can_spare(split) -> bool:  # giving `split` one more group still leaves one for every empty split
-        left = sum(1 for k in free if k not in assigned) - 1
-        return left >= sum(1 for other in wanted if other != split and size[other] == 0)
-
-    for label in sorted(labels, key=lambda lab: (len(carriers(lab)), lab)):
-        for split in wanted:
-            if counts[split][label] > 0 or not can_spare(split):
-                continue
-            candidates = carriers(label)
-            if not candidates:
-                break
-            # a pure, small group leaves the most freedom for phase 2
-            best = min(candidates, key=lambda k: (len(composition[k]) > 1, len(members[k])))
-            assign(best, split)
-    for split in wanted:  # a split still empty (no labels left to give) takes the smallest free group
-        if size[split] == 0:
-            rest = [k for k in free if k not in assigned]
-            if rest:
-                assign(min(rest, key=lambda k: len(members[k])), split)
-
-    # Phase 2: the rest, largest groups first, each where it brings the counts closest to the targets.
-    target = {split: {lab: f * total[lab] for lab in labels} for split, f in zip(SPLITS, fr)}
-    rest = sorted((k for k in free if k not in assigned), key=lambda k: -len(members[k]))  # stable: keeps rng order
-    for key in rest:
-        comp = composition[key]
-
-        def cost(split):
-            change = sum(
-                ((counts[split][lab] + comp[lab] - target[split][lab]) ** 2 - (counts[split][lab] - target[split][lab]) ** 2)
-                / total[lab]
-                for lab in comp
-            )
-            deficit = sum(target[split][lab] - counts[split][lab] for lab in labels)
-            return (change, -deficit)
-
-        assign(key, min(wanted, key=cost))
-
-    empty = [split for split in wanted if size[split] == 0]
+    plan.one_of_each_label()
+    plan.balance_the_rest(fr)
+    empty = [split for split in wanted if plan.size[split] == 0]
     if empty:
         raise GaplessError(
             None,
             f"split {', '.join(empty)} would be empty: every group is fixed to another split",
             "leave `split` blank for some samples, or set the fraction of that split to 0",
         )
-    result = {}
-    for key, group in members.items():
-        for s in group:
-            result[s.sample_id] = assigned[key]
+    result = {s.sample_id: plan.assigned[key] for key, group in plan.members.items() for s in group}
     return {i: result[i] for i in ids}
+
+
+class _Groups:
+    """The groups of a cohort and where each has been placed so far (``split_samples``'s working state)."""
+
+    def __init__(self, samples: Sequence[Sample], wanted: list[str]):
+        # group key: ("g", name) for a named group, ("s", id) for a sample on its own, so the two never clash
+        self.members: dict[tuple[str, str], list[Sample]] = {}
+        for s in samples:
+            self.members.setdefault(("g", s.group) if s.group else ("s", s.sample_id), []).append(s)
+        self.wanted = wanted
+        self.labels = sorted({s.label for s in samples})
+        self.total = Counter(s.label for s in samples)
+        self.counts = {split: Counter() for split in SPLITS}
+        self.size = {split: 0 for split in SPLITS}
+        self.assigned: dict[tuple[str, str], str] = {}
+        self.composition = {key: Counter(s.label for s in group) for key, group in self.members.items()}
+        self.free: list[tuple[str, str]] = []  # the groups not fixed by the sheet, in the seed's order
+
+    def assign(self, key, split) -> None:
+        self.assigned[key] = split
+        for s in self.members[key]:
+            self.counts[split][s.label] += 1
+        self.size[split] += len(self.members[key])
+
+    def place_fixed(self) -> None:
+        """Groups with a fixed ``split`` go there; a group fixed to two splits is an error."""
+        for key, group in self.members.items():
+            fixed = sorted({s.split for s in group if s.split})
+            if len(fixed) > 1:
+                raise GaplessError(
+                    None, f"group {key[1]!r} is fixed to more than one split ({', '.join(fixed)})",
+                    "give every sample of a group the same `split`, or none",
+                )
+            if fixed:
+                self.assign(key, fixed[0])
+
+    def unplaced(self) -> list:
+        return [k for k in self.free if k not in self.assigned]
+
+    def one_of_each_label(self) -> None:
+        """Phase 1: one group of each label per split, scarcest label first, while enough groups carry it;
+        then a split still empty takes the smallest free group."""
+
+        def carriers(label):
+            return [k for k in self.unplaced() if label in self.composition[k]]
+
+        def can_spare(split) -> bool:  # giving `split` one more group still leaves one for every empty split
+            left = len(self.unplaced()) - 1
+            return left >= sum(1 for other in self.wanted if other != split and self.size[other] == 0)
+
+        for label in sorted(self.labels, key=lambda lab: (len(carriers(lab)), lab)):
+            for split in self.wanted:
+                if self.counts[split][label] > 0 or not can_spare(split):
+                    continue
+                candidates = carriers(label)
+                if not candidates:
+                    break
+                # a pure, small group leaves the most freedom for phase 2
+                self.assign(min(candidates, key=lambda k: (len(self.composition[k]) > 1, len(self.members[k]))), split)
+        for split in self.wanted:
+            if self.size[split] == 0:
+                rest = self.unplaced()
+                if rest:
+                    self.assign(min(rest, key=lambda k: len(self.members[k])), split)
+
+    def balance_the_rest(self, fractions: list[float]) -> None:
+        """Phase 2: the rest, largest groups first, each where it brings the counts closest to the targets."""
+        target = {split: {lab: f * self.total[lab] for lab in self.labels} for split, f in zip(SPLITS, fractions)}
+        rest = sorted(self.unplaced(), key=lambda k: -len(self.members[k]))  # stable: keeps the seed's order
+        for key in rest:
+            comp = self.composition[key]
+
+            def cost(split):
+                counts, goal = self.counts[split], target[split]
+                change = sum(((counts[lab] + comp[lab] - goal[lab]) ** 2 - (counts[lab] - goal[lab]) ** 2) / self.total[lab]
+                             for lab in comp)
+                deficit = sum(goal[lab] - counts[lab] for lab in self.labels)
+                return (change, -deficit)
+
+            self.assign(key, min(self.wanted, key=cost))
 
 
 def _check_fractions(fractions: Sequence[float]) -> list[float]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import random
@@ -31,6 +30,16 @@ import time
 from pathlib import Path
 
 from pipeline.errors import GaplessError
+from pipeline.mlflow_names import (
+    ROLE_COMPARISON,
+    TAG_HOST,
+    TAG_PARENT,
+    TAG_PID,
+    TAG_ROLE,
+    TAG_RUN_DIR,
+    TAG_SUPERSEDED_BY,
+    flatten,
+)
 
 PARAM_LIMIT = 6000  # characters MLflow keeps of a param value; longer values are cut
 
@@ -132,8 +141,7 @@ def prepare_tracking(uri: str, experiment: str, artifacts: str | None = None) ->
 
 def run_tags(run_dir: str | Path) -> dict:
     """Tags that tie a training run to its output folder and its process (for ``stale_runs``)."""
-    return {"gapless.run_dir": str(Path(run_dir).resolve()), "gapless.host": socket.gethostname(),
-            "gapless.pid": str(os.getpid())}
+    return {TAG_RUN_DIR: str(Path(run_dir).resolve()), TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid())}
 
 
 def _process_started(pid: int) -> float | None:
@@ -189,31 +197,19 @@ def stale_runs(uri: str, experiment_id: str, run_dir: str | Path) -> list:
     while True:
         page = retry_locked(client.search_runs)([experiment_id], filter_string="attributes.status = 'RUNNING'",
                                                 max_results=1000, page_token=token)
-        found.extend(r for r in page if r.data.tags.get("gapless.run_dir") == folder)
+        found.extend(r for r in page if r.data.tags.get(TAG_RUN_DIR) == folder)
         token = page.token
         if not token:
             break
     host = socket.gethostname()
     for r in found:
-        pid = r.data.tags.get("gapless.pid", "")
-        if (r.data.tags.get("gapless.host") == host and pid.isdigit()
+        pid = r.data.tags.get(TAG_PID, "")
+        if (r.data.tags.get(TAG_HOST) == host and pid.isdigit()
                 and training_alive(int(pid), (r.info.start_time or 0) / 1000)):
             raise GaplessError(run_dir, f"another training is writing to this folder (pid {pid}, "
                                         f"MLflow run {r.info.run_id})",
                                f"wait for it to finish, or stop it (kill {pid}) and run again")
     return found
-
-
-def flatten(config: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} → {"a.b": 1}: a nested config as MLflow params (lists and dicts as JSON)."""
-    flat = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = json.dumps(value) if isinstance(value, (list, dict)) else value
-    return flat
 
 
 def retry_locked(fn, attempts: int = 30):
@@ -246,7 +242,7 @@ class RunLogger:
         client = open_client(uri)
         tags = dict(tags or {})
         if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
+            tags[TAG_PARENT] = parent_run_id
         run = retry_locked(client.create_run)(experiment_id, run_name=name, tags=tags)
         return cls(uri, run.info.run_id)
 
@@ -280,10 +276,10 @@ class RunLogger:
         Their artifacts (what they logged before dying) stay with them.
         """
         for r in stale:
-            retry_locked(self.client.set_tag)(r.info.run_id, "gapless.superseded_by", self.run_id)
+            retry_locked(self.client.set_tag)(r.info.run_id, TAG_SUPERSEDED_BY, self.run_id)
             retry_locked(self.client.set_terminated)(r.info.run_id, "KILLED")
             log.warning("marked stale run %s (pid %s on host %s) as KILLED", r.info.run_id,
-                        r.data.tags.get("gapless.pid", "?"), r.data.tags.get("gapless.host", "?"))
+                        r.data.tags.get(TAG_PID, "?"), r.data.tags.get(TAG_HOST, "?"))
 
 
 def setup_comparison(experiment: str, configured_uri: str | None = None, results: str | Path = "results",
@@ -295,7 +291,7 @@ def setup_comparison(experiment: str, configured_uri: str | None = None, results
     """
     uri = tracking_uri(configured_uri, results)
     experiment_id = prepare_tracking(uri, experiment, artifact_root(results))
-    parent = RunLogger.start(uri, experiment_id, run_name, tags={"gapless.role": "comparison"})
+    parent = RunLogger.start(uri, experiment_id, run_name, tags={TAG_ROLE: ROLE_COMPARISON})
     if config:
         parent.params(flatten(config))
     parent.finish()

@@ -14,22 +14,19 @@ import tifffile
 import torch
 import zarr
 
+from pipeline.augment import ChannelIntensityJitter, HEDJitter, build_transforms, seed_transform
 from pipeline.data import (
-    ChannelIntensityJitter,
-    HEDJitter,
     TileDataset,
     balanced_sampler,
     build_tile_table,
-    build_transforms,
     channel_normalisation,
     data_fingerprint,
     make_loader,
-    seed_transform,
-    split_samples,
 )
 from pipeline.demo import DemoSettings, generate
 from pipeline.errors import GaplessError
 from pipeline.samples import Sample, load_sample_sheet
+from pipeline.splits import split_samples
 from pipeline.tiling import TileSettings, tile_source
 
 pytest.importorskip("openslide")
@@ -58,7 +55,7 @@ def demo(tmp_path_factory):
     blank_tif = root / "blank.tif"
     tifffile.imwrite(blank_tif, np.full((256, 256, 3), 245, np.uint8), photometric="rgb")
     stores["blank"] = tile_source(blank_tif, root / "tiles" / "blank.zarr",
-                                  TileSettings(mpp=1.0, tile_size=32, slide_mpp=1.0, allow_empty=True), progress=False).out
+                                  TileSettings(mpp=1.0, tile_size=32, slide_mpp=1.0, on_empty="flag"), progress=False).out
     return {"root": root, "samples": samples, "stores": stores}
 
 

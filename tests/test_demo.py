@@ -15,6 +15,7 @@ import tifffile
 from skimage.draw import polygon as fill_polygon
 
 from pipeline import demo
+from pipeline.demo import dataset as demo_plan
 from pipeline.demo import DemoSample, DemoSettings, generate, plan
 from pipeline.errors import GaplessError
 
@@ -59,7 +60,7 @@ def _mask(shape: tuple[int, int], ring: np.ndarray) -> np.ndarray:
 def _hematoxylin_od(rgb: np.ndarray) -> np.ndarray:
     """Decadic optical density projected on the hematoxylin direction."""
     od = -np.log10(np.clip(rgb.astype(float), 1, 255) / 255.0)
-    return od @ demo._H_VEC
+    return od @ demo_plan._H_VEC
 
 
 # ---------------------------------------------------------------------------------------------

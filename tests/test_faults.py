@@ -360,10 +360,15 @@ def test_a_nested_config_override_keeps_the_other_keys(tmp_path):
                        "heatmaps={seed: 5}", "demo={slides: 6, witness_fraction: 0.1}")
     text = result.stdout + result.stderr
     assert result.returncode == 0, text
-    assert "--epochs 2 --batch-size 32 --lr 0.002" in result.stdout  # the other train keys stay the defaults
+    from test_workflow import commands  # the dry run's commands, read by the real parser
+
+    trained = {text.split(" --head ")[1].split()[0]: settings for text, settings in commands(result.stdout, "train")}
+    assert {s.epochs for s in trained.values()} == {2}
+    assert {(s.batch_size, s.lr) for s in trained.values()} == {(32, 0.002)}  # the other train keys stay the config's
+    assert trained["attnpool"].head_kwargs == {"num_heads": 2} and trained["gap"].head_kwargs == {}
     assert "--out results/models/slide/attnpool/seed5" in result.stdout and "seed0" not in result.stdout
-    assert "--head-kwargs '{\"num_heads\": 2}'" in result.stdout
-    assert "--slides 6 --images 8" in result.stdout and "--witness-fraction 0.1 " in result.stdout
+    (demo,) = [settings for _, settings in commands(result.stdout, "demo")]
+    assert (demo.slides, demo.images, demo.witness_fraction) == (6, 8, 0.1)
 
 
 def test_a_heatmap_seed_outside_the_trained_seeds_is_one_line(tmp_path):

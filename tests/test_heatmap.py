@@ -16,9 +16,12 @@ from PIL import Image
 from shapely.geometry import box
 
 from pipeline import heatmap as hm
+from pipeline.heatmap import maps as hm_maps
+from pipeline.heatmap import scores as hm_scores
 from pipeline.errors import GaplessError
 from pipeline.models import HeadOutput, create_model
-from pipeline.tiling import SCHEMA, TileSettings, seal_store, tile_source
+from pipeline.store import TileStoreAttrs, seal_store
+from pipeline.tiling import TileSettings, tile_source
 
 CLASSES = ["negative", "positive"]
 RAW = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "classes": CLASSES, "modality": "brightfield"}
@@ -195,10 +198,14 @@ def fake_store(path, width, height, extent, coords, tile_size=16, mpp=0.25):
     mask = np.ones((256, 256), np.uint8)
     root.create_array("tissue_mask", data=mask, chunks=mask.shape)
     root.create_array("thumbnail", data=np.full((64, 64, 3), 240, np.uint8), chunks=(64, 64, 3))
-    root.attrs.update({"schema": SCHEMA, "width": width, "height": height, "tile_extent": float(extent),
-                       "tile_step": float(extent), "tile_size": tile_size, "source_mpp": mpp, "mpp": mpp * extent / tile_size,
-                       "modality": "brightfield", "tissue_mask_downsample": [width / 256, height / 256],
-                       "thumbnail_downsample": [width / 64, height / 64]})
+    root.attrs.update(TileStoreAttrs(
+        source="synthetic", format="synthetic", kind="slide", channel_names=["R", "G", "B"], modality="brightfield",
+        tissue_method="none", mpp=mpp * extent / tile_size, source_mpp=mpp, mpp_source="override",
+        target_mpp=mpp * extent / tile_size, level=0, downsample=1.0, read_size=tile_size, tile_size=tile_size,
+        stride=tile_size, tile_extent=float(extent), tile_step=float(extent), grid=[0, 0], width=width, height=height,
+        channels=3, dtype="uint8", channel_stats={}, min_tissue=0.0, tissue_area_fraction=1.0, n_tiles=n,
+        tiles_per_shard=max(n, 1), workers=1, tissue_mask_downsample=[width / 256, height / 256],
+        thumbnail_downsample=[width / 64, height / 64]).to_attrs())
     seal_store(path)  # record its files, as `gapless tile` does: stores are checked on opening
     return path
 
@@ -314,12 +321,12 @@ def test_attention_spread_is_probability_times_relative_weight():
     logits = torch.tensor([[0.0, math.log(3.0)]])  # p(positive) = 0.75
     attention = torch.tensor([[[[0.1, 0.2], [0.3, 0.4]]]])
     contribution = torch.zeros(1, 2, 2, 2)
-    maps = hm._tile_maps(HeadOutput(logits, contribution, attention, False), np.zeros((1, 2), np.int64))
+    maps = hm_maps._tile_maps(HeadOutput(logits, contribution, attention, False), np.zeros((1, 2), np.int64))
     assert maps.spread_weights == "attention"
     np.testing.assert_allclose(maps.spread[0, 0], 0.75 * np.array([[0.25, 0.5], [0.75, 1.0]]), rtol=1e-6)
     # saol-like: log-probabilities, contribution sums to p: the weights are the contribution itself
     share = torch.tensor([[[[0.1, 0.1], [0.1, 0.1]], [[0.0, 0.1], [0.2, 0.3]]]])
-    maps = hm._tile_maps(HeadOutput(share.sum((2, 3)).log(), share, attention, True), np.zeros((1, 2), np.int64))
+    maps = hm_maps._tile_maps(HeadOutput(share.sum((2, 3)).log(), share, attention, True), np.zeros((1, 2), np.int64))
     assert maps.spread_weights == "share"
     np.testing.assert_allclose(maps.spread[0, 0], 0.6 * np.array([[0, 1 / 3], [2 / 3, 1]]), rtol=1e-5, atol=1e-7)
 
@@ -356,7 +363,7 @@ def test_localisation_auroc_agrees_with_sklearn():
     values[rng.random(values.shape) < 0.2] = np.nan
     witness = [box(100, 100, 260, 180), box(400, 10, 420, 300)]
     s = hm.score_heatmap(values, 10.0, witness)
-    labels = hm._witness_cells(values.shape, 10.0, witness)
+    labels = hm_scores._witness_cells(values.shape, 10.0, witness)
     valid = np.isfinite(values)
     assert s["localisation_auroc"] == pytest.approx(roc_auc_score(labels[valid], values[valid]), abs=1e-12)
 
@@ -368,6 +375,7 @@ def test_localisation_auroc_agrees_with_sklearn():
 def save_run(run_dir, head, store_attrs, uri=None, experiment=None):
     from safetensors.torch import save_file
 
+    from pipeline.run_folder import ModelConfig, write_model_config
     from pipeline.tracking import RunLogger
 
     torch.manual_seed(0)
@@ -375,10 +383,10 @@ def save_run(run_dir, head, store_attrs, uri=None, experiment=None):
     run_dir.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, run_dir / "weights.safetensors")
     stats = store_attrs["channel_stats"]
-    (run_dir / "model.json").write_text(json.dumps({
-        "backbone": "resnet10t", "head": head, "num_classes": 2, "in_chans": 3, "classes": CLASSES,
-        "head_kwargs": {}, "mean": stats["mean"], "std": stats["std"], "tile_size": store_attrs["tile_size"],
-        "image_size": None, "modality": "brightfield", "mpp": store_attrs["mpp"]}))
+    write_model_config(run_dir, ModelConfig(
+        backbone="resnet10t", head=head, num_classes=2, in_chans=3, classes=CLASSES, mean=stats["mean"],
+        std=stats["std"], tile_size=store_attrs["tile_size"], image_size=None, modality="brightfield",
+        mpp=store_attrs["mpp"]))
     if uri:
         run = RunLogger.start(uri, experiment, f"{head}-seed0", tags={"head": head})
         run.finish()

@@ -14,11 +14,14 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from scipy import stats
 
-from pipeline import cli, report
+from pipeline import cli, mlflow_names, report
 from pipeline.errors import GaplessError
+from pipeline.head_info import HeadInfo
+from pipeline.models import head_catalog
 from pipeline.tracking import RunLogger, setup_comparison
 
 SEEDS = (0, 1, 2)
+HEADS = head_catalog()  # what each head declares, and training logs as its run's tags
 # tile AUROC per setting × head × seed; saol beats gap by 0.04-0.06 at wf 0.01 and loses by as much at
 # 0.05; cbam is noisy around gap
 GAP = {"0.01": [0.70, 0.74, 0.72], "0.05": [0.80, 0.83, 0.78]}
@@ -31,19 +34,24 @@ DELTA = {
 
 
 def tile_auroc(wf: str, head: str, seed: int) -> float:
-    return GAP[wf][seed] + DELTA.get((wf, head), [0.0] * len(SEEDS))[seed]
+    return GAP.get(wf, GAP["0.05"])[seed] + DELTA.get((wf, head), [0.0] * len(SEEDS))[seed]
 
 
 def localisation(wf: str, head: str, seed: int) -> tuple[float, float]:
     """Two positive samples' localisation AUROCs; the run's score is their mean."""
-    base = {"gap": 0.60, "cbam": 0.62, "saol": 0.75, "max": 0.5}[head] + 0.01 * seed + (0.05 if wf == "0.05" else 0.0)
+    base = {"gap": 0.60, "cbam": 0.62, "saol": 0.75}.get(head, 0.5) + 0.01 * seed + (0.05 if wf == "0.05" else 0.0)
     return base - 0.02, base + 0.02
 
 
 def _child(info: dict, head: str, seed: int, wf: str, status: str = "FINISHED", samples: str = "",
-           metrics: dict | None = None) -> str:
+           metrics: dict | None = None, head_info: HeadInfo | None = None, head_tags: bool = True) -> str:
+    """A training run as training logs it; ``head_info``: other head tags than the catalog's; ``head_tags``
+    False: a run logged before training wrote head tags (only ``head`` and ``seed``)."""
+    tags = mlflow_names.training_tags(head_info or HEADS[head], seed, "resnet10t")
+    if not head_tags:
+        tags = {"head": head, "seed": str(seed), "backbone": "resnet10t"}
     run = RunLogger.start(info["tracking_uri"], info["experiment_id"], f"{head}-seed{seed}", info["parent_run_id"],
-                          tags={"head": head, "seed": str(seed), "backbone": "resnet10t"})
+                          tags=tags)
     run.params({"head": head, "seed": seed, "backbone": "resnet10t", "train.kind": "slide",
                 "config.demo.witness_fraction": wf, "config.demo.cell_density": 40.0, "config.samples": samples})
     run.metrics({"val_auroc": 0.5, "train_loss": 1.0}, step=0)
@@ -305,3 +313,69 @@ def test_an_interval_past_the_metric_range_is_shown_cut_at_it():
     assert interval_text(3, 0.9, 0.7, 1.1, bounds=(0.0, 1.0)) == "0.900 [0.700, 1.000]"
     assert interval_text(3, 0.1, -0.4, 0.6, bounds=(0.0, 1.0)) == "0.100 [0.000, 0.600]"
     assert interval_text(3, 0.9, 0.7, 1.1) == "0.900 [0.700, 1.100]"  # differences are not cut
+
+
+def test_the_baseline_and_the_head_order_come_from_the_runs_tags(comparison, tmp_path):
+    root, info, _, _ = comparison
+    uri = info["tracking_uri"]
+    tagged = setup_comparison("gapless-report-test", uri, root / "results", run_name="tagged")
+    zeta = HeadInfo("zeta", "Zeta", "a new head that declares itself first and the baseline", order=5, baseline=True)
+    for seed in (0, 1):
+        _child(tagged, "gap", seed, "0.1")  # gap, tagged as the baseline, against saol
+        _child(tagged, "saol", seed, "0.1")
+        _child(tagged, "gap", seed, "0.2")  # two heads claim the baseline
+        _child(tagged, "zeta", seed, "0.2", head_info=zeta)
+        _child(tagged, "max", seed, "0.3")  # none does
+        _child(tagged, "saol", seed, "0.3")
+    result = report.write_report(uri, tagged["parent_run_id"], tmp_path / "out", log_mlflow=False)
+    summary, paired = result["summary"], result["paired"]
+    heads = {wf: list(summary[summary["witness_fraction"] == wf]["head"]) for wf in ("0.1", "0.2", "0.3")}
+    assert heads == {"0.1": ["gap", "saol"], "0.2": ["zeta", "gap"], "0.3": ["saol", "max"]}  # HeadInfo.order
+    assert set(zip(paired["witness_fraction"], paired["head"], paired["baseline"])) == {("0.1", "saol", "gap")}
+    text = result["paths"]["markdown"].read_text()
+    assert "zeta and gap are each tagged as the baseline at kind slide, witness_fraction 0.2" in text
+    assert "No head at kind slide, witness_fraction 0.3, cell_density 40.0 is tagged as the baseline" in text
+    assert "## Paired against gap (difference head − gap, paired by seed)" in text
+
+    runs = report.collect_runs(uri, tagged["parent_run_id"])  # baseline= overrides the tags in every setting
+    by_hand = report.paired_comparison(runs, baseline="saol")
+    assert set(zip(by_hand["witness_fraction"], by_hand["head"], by_hand["baseline"])) == {
+        ("0.1", "gap", "saol"), ("0.2", "zeta", "saol"), ("0.2", "gap", "saol"), ("0.3", "max", "saol")}
+    assert set(by_hand[by_hand["witness_fraction"] == "0.2"]["verdict"]) == {"n too small"}  # no saol there
+    assert set(by_hand[by_hand["witness_fraction"] != "0.2"]["n_pairs"]) == {2}
+
+
+def test_runs_without_head_tags_have_no_baseline(comparison):
+    root, info, _, _ = comparison
+    uri = info["tracking_uri"]
+    old = setup_comparison("gapless-report-test", uri, root / "results", run_name="before head tags")
+    for seed in (0, 1):
+        _child(old, "saol", seed, "0.1", head_tags=False)
+        _child(old, "gap", seed, "0.1", head_tags=False)
+    runs = report.collect_runs(uri, old["parent_run_id"])
+    assert all(r["head_info"] == HeadInfo(r["head"]) and not r["head_tagged"] for r in runs)
+    assert list(report.summarise(runs)["head"]) == ["gap", "saol"]  # default order: by name
+    assert report.paired_comparison(runs).empty
+    assert any("is tagged as the baseline" in note for note in report.baseline_notes(runs, report.DEFAULT_SETTING_KEYS))
+    assert len(report.paired_comparison(runs, baseline="gap")) == len(report.PAIRED_METRICS)
+
+
+def test_heads_whose_runs_disagree_on_their_tags_take_the_latest():
+    def run(label: str, start: int) -> dict:
+        return {"head": "gap", "head_info": HeadInfo("gap", label, order=10, baseline=True), "head_tagged": True,
+                "setting": ("slide",), "skip_reason": None, "start_time": start}
+
+    runs = [run("GAP v2", 2), run("GAP", 1)]
+    assert report.head_infos(runs)["gap"].label == "GAP v2"
+    notes = report.baseline_notes(runs, ("train.kind",))
+    assert len(notes) == 1 and notes[0].startswith("The runs of gap carry different head tags")
+
+
+def test_the_report_needs_neither_torch_nor_the_viewer():
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.report; "
+            "print(sorted({'torch', 'timm', 'pipeline.models', 'pipeline.viewer'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -21,7 +21,8 @@ from pipeline import SNAKEMAKE_MARKER_WARNING, data
 from pipeline.errors import GaplessError
 from pipeline.models import HeadOutput
 from pipeline.samples import Sample
-from pipeline.tiling import TileSettings, open_store, store_info, tile_source
+from pipeline.store import open_store, store_info
+from pipeline.tiling import TileSettings, tile_source
 
 DATA = Path(__file__).parent / "data"
 CMU = DATA / "CMU-1-Small-Region.svs"

@@ -18,7 +18,8 @@ import zarr
 
 from pipeline.errors import GaplessError
 from pipeline.io import composite_on_white, infer_kind, open_source
-from pipeline.tiling import SCHEMA, TileSettings, store_info, tile_source
+from pipeline.store import SCHEMA, store_info
+from pipeline.tiling import TileSettings, tile_source
 
 DATA = Path(__file__).parent / "data"
 CMU = DATA / "CMU-1-Small-Region.svs"
@@ -98,7 +99,7 @@ def test_resampled_tiles_have_the_target_scale(tmp_path):
 
 
 def test_parallel_workers_write_the_same_store(tmp_path, monkeypatch):
-    import pipeline.tiling as tiling
+    from pipeline.tiling import cutting as tiling  # where the cutting processes look them up
 
     monkeypatch.setattr(tiling, "MIN_TILES_PER_WORKER", 64)  # CMU is small: let two processes share it
     settings = TileSettings(mpp=1.0, tile_size=64, min_tissue=0.1)
@@ -114,7 +115,7 @@ def test_parallel_workers_write_the_same_store(tmp_path, monkeypatch):
 def test_fast_tile_writer_matches_zarrs_default_writer(tmp_path, monkeypatch):
     """Tiles are written through zarrs (when installed), every chunk stored; zarr's default pipeline reads
     them back exactly as its own writer would have stored them, all-zero tiles included."""
-    import pipeline.tiling as tiling
+    from pipeline.tiling import cutting as tiling  # where the cutting processes look them up
 
     rng = np.random.default_rng(1)
     data = rng.integers(0, 60000, size=(2, 96, 160)).astype(np.uint16)
@@ -139,7 +140,7 @@ def test_fast_tile_writer_matches_zarrs_default_writer(tmp_path, monkeypatch):
 
 
 def test_a_failure_in_one_process_stops_the_others_and_leaves_nothing(tmp_path, monkeypatch):
-    import pipeline.tiling as tiling
+    from pipeline.tiling import cutting as tiling  # where the cutting processes look them up
 
     monkeypatch.setattr(tiling, "MIN_TILES_PER_WORKER", 64)
     calls = {"n": 0}
@@ -287,7 +288,7 @@ def test_existing_store_is_kept_unless_overwrite(tmp_path):
 
 
 def test_failure_mid_run_leaves_nothing(tmp_path, monkeypatch):
-    import pipeline.tiling as tiling
+    from pipeline.tiling import cutting as tiling  # where the cutting processes look them up
 
     calls = {"n": 0}
     real = tiling.resize

@@ -22,6 +22,8 @@ from PIL import Image
 
 from pipeline.demo import DemoSettings, generate
 from pipeline.errors import GaplessError
+from pipeline.head_info import HeadInfo, registered_heads
+from pipeline.heatmap.document import HeatmapDocument, document_text
 from pipeline.viewer import (
     load_heatmap_json,
     read_pyramid,
@@ -46,10 +48,16 @@ def tile_p(head: str, x: int, y: int) -> float:
     return round(base + (0.0 if head == "gap" else 0.5) + 0.0123, 4)
 
 
-def write_heatmap(folder: Path, sample: str, head: str, width: int, height: int, colour, left: bool,
+def write_heatmap(folder: Path, sample: str, head: str | HeadInfo, width: int, height: int, colour, left: bool,
                   stem: str | None = None, **overrides) -> Path:
-    """A heatmap JSON and overlay as pipeline.heatmap writes them: opaque colour on one half."""
-    out = folder / head
+    """A heatmap JSON and overlay as pipeline.heatmap writes them: opaque colour on one half.
+
+    The JSON is pipeline.heatmap.document's (its one writer); ``head`` is a registered head's name
+    (its own words, as training records them) or any ``HeadInfo``; ``overrides`` then replace keys of
+    the written JSON, to write what the writer never would (bad values, NaN).
+    """
+    info = head if isinstance(head, HeadInfo) else registered_heads()[head]
+    out = folder / info.name
     out.mkdir(parents=True, exist_ok=True)
     stem = stem or sample
     ov = np.zeros((height // 16, width // 16, 4), np.uint8)
@@ -59,18 +67,16 @@ def write_heatmap(folder: Path, sample: str, head: str, width: int, height: int,
     else:
         ov[:, half:] = (*colour, 255)
     Image.fromarray(ov, "RGBA").save(out / f"{stem}.png")
-    doc = {
-        "sample": sample, "head": head, "run_id": f"run-{head}", "normalisation": "rank", "colormap": "viridis",
-        "range": [0.0, 1.0], "width": width, "height": height, "mpp": 0.5, "overlay": f"{stem}.png",
-        "tile_extent": EXT,
-        "tiles": [[x, y, tile_p(head, x, y)] for y in range(0, height - EXT + 1, EXT) for x in range(0, width - EXT + 1, EXT)],
-        "classes": ["negative", "positive"],
-        "scores": {"localisation_auroc": 0.7 if head == "gap" else 0.9, "pointing_game": 1.0},
-    }
-    doc.update(overrides)
+    document = HeatmapDocument(
+        sample=sample, head=info, run_id=f"run-{info.name}", normalisation="rank", colormap="viridis",
+        range=(0.0, 1.0), width=width, height=height, mpp=0.5, overlay=f"{stem}.png", tile_extent=EXT,
+        tiles=[[x, y, tile_p(info.name, x, y)] for y in range(0, height - EXT + 1, EXT) for x in range(0, width - EXT + 1, EXT)],
+        classes=["negative", "positive"],
+        scores={"localisation_auroc": 0.7 if info.name == "gap" else 0.9, "pointing_game": 1.0},
+    )
     path = out / f"{stem}.json"
-    path.write_text(json.dumps(doc), encoding="utf-8")
-    return path
+    path.write_text(document_text(document), encoding="utf-8")
+    return _patch(path, **overrides) if overrides else path
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +134,34 @@ def test_cell_image_pyramid_shows_fluorescence_in_colour(site):
     tile = np.asarray(Image.open(info["files"] / str(info["levels"] - 1) / "0_0.jpeg").convert("RGB"))
     assert tile.shape == (255, 255, 3)  # 254 + 1 px overlap on the right and bottom
     assert tile.max() > 100 and np.median(tile) < 60  # bright cells on a dark background
+
+
+def test_levels_without_a_source_level_are_resized_from_a_finer_one(tmp_path):
+    """A single-level slide wider than 2 × 4096 px: the Deep Zoom levels at 1/2 and 1/4 scale have no
+    source level and are read from level 0 and resized, block by block, without seams."""
+    import tifffile
+
+    w, h = 9000, 300
+    yy, xx = np.mgrid[0:h, 0:w]
+    pixels = np.stack([xx * 255 // w, yy * 255 // h, (np.sin(xx / 37) * np.cos(yy / 23) + 1) * 127], -1).astype(np.uint8)
+    slide = tmp_path / "wide.tiff"
+    tifffile.imwrite(slide, pixels, tile=(256, 256), photometric="rgb", compression="deflate")
+    info = read_pyramid(write_slide_pyramid(slide, tmp_path / "pyr", progress=False, workers=2))
+    with openslide.OpenSlide(str(slide)) as osr:
+        assert osr.level_count == 1
+        dz = DeepZoomGenerator(osr, tile_size=254, overlap=1, limit_bounds=False)
+        assert info["levels"] == dz.level_count
+        for level in range(dz.level_count):
+            cols, rows = dz.level_tiles[level]
+            files = sorted(p.name for p in (info["files"] / str(level)).iterdir())
+            assert files == sorted(f"{c}_{r}.jpeg" for c in range(cols) for r in range(rows))
+        for level in range(dz.level_count - 3, dz.level_count):  # 2250, 4500 and 9000 px wide
+            cols, rows = dz.level_tiles[level]
+            for c in range(cols):
+                for r in range(rows):
+                    ours = np.asarray(Image.open(info["files"] / str(level) / f"{c}_{r}.jpeg").convert("RGB"), dtype=float)
+                    ref = np.asarray(dz.get_tile(level, (c, r)).convert("RGB"), dtype=float)
+                    assert ours.shape == ref.shape and np.abs(ours - ref).mean() < 4, (level, c, r)
 
 
 def test_pyramid_replaces_an_old_one_and_cleans_partials(site, tmp_path):
@@ -212,6 +246,24 @@ def test_script_data_cannot_break_out_of_its_script(site, tmp_path):
     text = (tmp_path / "x.html").read_text(encoding="utf-8")
     assert text.count("</script>") == 2 and "<b>" not in text
     assert out["heads"] == {"gap": {"localisation_auroc": 0.7, "pointing_game": 1.0}}
+
+
+def test_heads_are_shown_in_their_own_words_and_order(site, tmp_path):
+    """Labels, descriptions and order come from each heatmap (its head's HeadInfo), for any head."""
+    hm = site["hm"]
+    mine = HeadInfo("mine", "My head", "a head only this test knows", order=5)
+    jsons = [write_heatmap(tmp_path, "slide-00", h, W, H, (255, 0, 0), True) for h in ("saol", mine, "gap")]
+    summary = write_sample_page(tmp_path / "s.html", "slide-00", hm / "slides" / "slide-00", jsons)
+    text = (tmp_path / "s.html").read_text(encoding="utf-8")
+    data = json.loads(text.split("window.GAPLESS_SAMPLE = ", 1)[1].split(";</script>", 1)[0])
+    assert [(h["name"], h["label"]) for h in data["heads"]] == [("mine", "My head"), ("gap", "GAP"), ("saol", "SAOL")]
+    assert data["heads"][0]["description"] == "a head only this test knows"
+    # the summary carries them to the index, also through the JSON `gapless page` writes
+    summary = json.loads(json.dumps(summary))
+    assert summary["head_info"]["mine"] == {"label": "My head", "description": "a head only this test knows", "order": 5}
+    index = write_index(tmp_path / "index.html", [("slide-00", tmp_path / "s.html", summary)]).read_text(encoding="utf-8")
+    assert index.index(">My head</th>") < index.index(">GAP</th>") < index.index(">SAOL</th>")
+    assert 'title="a head only this test knows"' in index and "<b>My head</b> (mine)" in index
 
 
 def _bad_inputs(tmp_path: Path, hm: Path):

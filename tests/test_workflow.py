@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from pipeline.cli import build_parser
+from pipeline.demo import DemoSettings
+from pipeline.settings import HeatmapSettings, settings_from_args
+from pipeline.tiling import TileSettings
+from pipeline.train_settings import TrainSettings
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "Snakefile"
@@ -51,6 +58,23 @@ def job_counts(dry_run_output: str) -> dict[str, int]:
             break
         counts[parts[0]] = int(parts[1])
     return counts
+
+
+SETTINGS = {"demo": DemoSettings, "tile": TileSettings, "train": TrainSettings, "heatmap": HeatmapSettings}
+
+
+def commands(shell: str, command: str) -> list[tuple[str, object]]:
+    """Each `gapless <command>` line of a dry run's shell output, and the settings that command resolves
+    (its --settings JSON and flags, read by the real parser): what reaches the stage, however it is spelled."""
+    found = []
+    for line in shell.splitlines():
+        start = line.find(f"gapless {command} ")
+        if start < 0:
+            continue
+        text = line[start:].split(" > ")[0]
+        args = build_parser().parse_args(shlex.split(text)[1:])
+        found.append((text, settings_from_args(SETTINGS[command], args)))
+    return found
 
 
 def write_config(path: Path, config: dict) -> Path:
@@ -128,18 +152,25 @@ def test_sample_sheet_config_lints_clean_and_plans_no_demo(sheet_workdir: Path) 
                                          "heatmap": slides * 5, "slide_pyramid": slides, "sample_page": slides,
                                          "heatmap_index": 1, "compare": 1, "total": runs + 18 + slides * 5}
     shell = result.stdout
-    # per-kind grids from the config defaults, the sheet's mpp and annotations as flags
-    assert f"gapless tile {sheet_workdir / 'data' / 'a.svs'} --out out/tiles/a.zarr --kind slide --mpp 1.0" in shell
+    # per-kind grids from the config defaults (the schema's, equal to TileSettings'), the sheet's mpp and
+    # annotations as flags
+    tiles = {text.split(" --out ")[1].split()[0]: settings for text, settings in commands(shell, "tile")}
+    assert f"gapless tile {sheet_workdir / 'data' / 'a.svs'} --out out/tiles/a.zarr --kind slide --settings " in shell
+    assert (tiles["out/tiles/a.zarr"].mpp, tiles["out/tiles/a.zarr"].tile_size, tiles["out/tiles/a.zarr"].min_tissue) == (0.5, 224, 0.25)
     assert f"--slide-mpp 0.25 --annotations {sheet_workdir / 'data' / 'a.geojson'}" in shell
-    assert "--out out/tiles/b.zarr --kind image --mpp 0.5" in shell
+    assert tiles["out/tiles/a.zarr"].slide_mpp == 0.25 and tiles["out/tiles/a.zarr"].annotations == str(sheet_workdir / "data" / "a.geojson")
+    assert "--out out/tiles/b.zarr --kind image --settings " in shell
+    assert (tiles["out/tiles/b.zarr"].mpp, tiles["out/tiles/b.zarr"].min_tissue) == (0.5, 0.1)
     assert "gapless qc out/tiles/a.zarr out/tiles/b.zarr out/tiles/c.zarr out/tiles/d.zarr out/tiles/e.zarr --out out/tiles/qc.tsv" in shell
-    assert "--allow-empty" not in shell
+    assert len(tiles) == 5 and not any(settings.allow_empty for settings in tiles.values())
     # a training job per kind × head × seed, on the stores of its kind, logged under one comparison
     assert "gapless mlflow-setup --experiment gapless --results out" in shell
     assert ("gapless train --samples data/samples.csv --tiles out/tiles --out out/models/slide/saol/seed1"
             " --kind slide --head saol --seed 1 --classes negative positive --threads 2"
             " --comparison out/mlflow/comparison.json") in shell
-    assert "--backbone resnet10t --pretrained false --epochs 4" in shell
+    trained = [settings for _, settings in commands(shell, "train")]
+    assert len(trained) == runs
+    assert all((s.backbone, s.pretrained, s.epochs) == ("resnet10t", False, 4) for s in trained)
 
 
 def test_tiling_options_reach_the_command(sheet_workdir: Path) -> None:
@@ -153,9 +184,10 @@ def test_tiling_options_reach_the_command(sheet_workdir: Path) -> None:
     )
     result = snakemake(sheet_workdir, "--configfile", str(config), "-n", "-p", "--cores", "2")
     assert result.returncode == 0, output(result)
-    assert "--tissue none" in result.stdout
-    assert "--positive-class Tumor --positive-class DCIS --allow-empty" in result.stdout
-    assert result.stdout.count("--allow-empty") == 5
+    tiles = [settings for _, settings in commands(result.stdout, "tile")]
+    assert len(tiles) == 5
+    assert all(s.tissue == "none" for s in tiles)
+    assert all(s.positive_classes == ("Tumor", "DCIS") and s.allow_empty for s in tiles)
 
 
 def test_sheet_problems_stop_the_dry_run_with_every_problem_listed(sheet_workdir: Path) -> None:
@@ -304,7 +336,9 @@ def test_a_sweep_plans_one_dataset_and_cohort_per_entry(tmp_path: Path) -> None:
     assert counts["demo_w20"] == counts["demo_w01"] == 1 and "demo" not in counts
     assert counts["tile"] == 8 + 4 and counts["train"] == 2 * 2 * 2 and counts["heatmap"] == (8 + 4) * 2
     shell = result.stdout
-    assert "--witness-fraction 0.01 --lesions 2 --seed 0 --id-prefix w01- >" in shell
+    demos = {text.split("--id-prefix ")[1]: settings for text, settings in commands(shell, "demo")}
+    assert (demos["w01-"].witness_fraction, demos["w01-"].lesions, demos["w01-"].seed, demos["w01-"].slides) == (0.01, 2, 0, 4)
+    assert (demos["w20-"].witness_fraction, demos["w20-"].slides, demos["w20-"].images) == (0.2, 8, 0)
     assert "gapless tile results/demo/w01/slides/slide-03.tiff --out results/tiles/w01-slide-03.zarr" in shell
     # each cohort trains on its own dataset's sheet and logs that dataset's settings
     assert ("gapless train --samples results/demo/w20/samples.csv --tiles results/tiles"
@@ -335,6 +369,9 @@ def test_device_cpu_takes_no_gpu_unit_so_jobs_share_the_cores(tmp_path: Path) ->
             assert jobs, rule
             gpu = "gpu=0" if device == "cpu" else "gpu=1"
             assert all(gpu in b.split("resources:")[1].splitlines()[0] for b in jobs), (rule, device)
-            assert all(f"--device {device}" in b for b in jobs), (rule, device)
+            if rule == "train":  # in its --settings (the config's train section)
+                assert [s.device for b in jobs for _, s in commands(b, "train")] == [device] * len(jobs), device
+            else:
+                assert all(f"--device {device}" in b for b in jobs), (rule, device)
         heatmaps = [b for b in blocks if b.startswith("heatmap:")]
         assert all(f"--threads {1 if device == 'cpu' else 2}" in b for b in heatmaps)

@@ -20,6 +20,7 @@ from .heads import (
     SaolHead,
     create_head,
     get_head_class,
+    head_catalog,
     register_head,
 )
 from .layers import ClassAttention, ClassAttentionBlock, GateRecordingCbam
@@ -43,6 +44,7 @@ __all__ = [
     "create_model",
     "earlier_stage_indices",
     "get_head_class",
+    "head_catalog",
     "load_backbone_weights",
     "register_head",
 ]

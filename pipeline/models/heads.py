@@ -26,6 +26,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from ..errors import GaplessError
+from ..head_info import HeadInfo
 from .layers import ClassAttentionBlock, GateRecordingCbam
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "SaolHead",
     "create_head",
     "get_head_class",
+    "head_catalog",
     "register_head",
 ]
 
@@ -79,6 +81,12 @@ class Head(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    # what the viewer and the report show (pipeline.head_info.HeadInfo): written into model.json,
+    # the run's MLflow tags and the heatmap JSON by training and heatmaps
+    label: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    order: ClassVar[int] = 1000
+    baseline: ClassVar[bool] = False
     backbone_kwargs: ClassVar[dict[str, Any]] = {}
     backbone_requirement: ClassVar[str] = ""
     accepts_stage_channels: ClassVar[bool] = False
@@ -95,6 +103,11 @@ class Head(nn.Module):
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.feature_stages = 1
+
+    @classmethod
+    def info(cls) -> HeadInfo:
+        """The head's label, description, display order and baseline flag."""
+        return HeadInfo(cls.name, cls.label or cls.name, cls.description, cls.order, cls.baseline)
 
     def prepare_backbone(self, backbone: nn.Module, backbone_name: str) -> None:
         """Check (and adjust) the backbone built with ``backbone_kwargs``; raise GaplessError if unfit."""
@@ -133,6 +146,12 @@ def get_head_class(name: str) -> type[Head]:
     except KeyError:
         choices = ", ".join(sorted(HEADS))
         raise GaplessError(None, f"unknown head {name!r}", f"choose one of {choices}") from None
+
+
+def head_catalog() -> dict[str, HeadInfo]:
+    """Every registered head's ``HeadInfo``, in display order."""
+    infos = sorted((cls.info() for cls in HEADS.values()), key=HeadInfo.sort_key)
+    return {info.name: info for info in infos}
 
 
 def create_head(name: str, in_channels: int, num_classes: int, **kwargs: Any) -> Head:
@@ -183,6 +202,11 @@ class GapHead(Head):
     must outweigh every negative one — which is the question this pipeline measures.
     """
 
+    label = "GAP"
+    description = "global average pooling + linear: every position counts the same"
+    order = 10
+    baseline = True  # the report pairs every other head with this one
+
     def __init__(self, in_channels: int, num_classes: int, *, class_prior: Sequence[float] | None = None):
         super().__init__(in_channels, num_classes)
         self.fc = nn.Linear(in_channels, num_classes)
@@ -204,6 +228,10 @@ class MaxHead(Head):
     cell decides), but it sees one position per channel, so one bright artefact can decide alone,
     and gradient reaches only the peak positions.
     """
+
+    label = "Max (baseline)"
+    description = "global max pooling + linear: the strongest position decides (baseline)"
+    order = 50
 
     def __init__(self, in_channels: int, num_classes: int, *, class_prior: Sequence[float] | None = None):
         super().__init__(in_channels, num_classes)
@@ -235,6 +263,11 @@ class CbamHead(GapHead):
     network but the classifier still averages, so sparse evidence is helped only as far as the
     gates suppress the background.
     """
+
+    label = "CBAM"
+    description = "GAP + linear on a backbone with CBAM attention in every residual block"
+    order = 20
+    baseline = False  # (GapHead's subclass: not the baseline itself)
 
     backbone_kwargs: ClassVar[dict[str, Any]] = {"block_args": {"attn_layer": GateRecordingCbam}}
     backbone_requirement: ClassVar[str] = (
@@ -297,6 +330,10 @@ class AttnPoolHead(Head):
     MLP for the contribution costs ~10·C² multiply-adds per position.
     """
 
+    label = "Attention pooling"
+    description = "attention-based pooling (PatchConvNet class attention over the positions)"
+    order = 30
+
     def __init__(
         self,
         in_channels: int,
@@ -352,6 +389,10 @@ class SaolHead(Head):
     positions carry the prediction. Because p is a mixture of per-position softmaxes, it is never
     more confident than its most confident position.
     """
+
+    label = "SAOL"
+    description = "spatially attentive output layer (Kim et al. 2020): attention-weighted spatial class scores"
+    order = 40
 
     accepts_stage_channels: ClassVar[bool] = True
     scores_are_log_probs: ClassVar[bool] = True

@@ -1,5 +1,7 @@
 # The samples, known at parse time, and the input functions the rules use.
 # Everything that turns config into paths or command-line options lives here, so the rules stay thin.
+# A stage's settings travel as one JSON argument (`--settings`): the keys of its config section that are
+# fields of its settings dataclass (pipeline.settings), so a new setting needs no edit here.
 
 import functools
 import json
@@ -9,8 +11,12 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
+from pipeline.demo import DemoSettings
 from pipeline.errors import SampleSheetError
 from pipeline.samples import SAMPLE_ID_PATTERN, Sample, check_sources, load_sample_sheet
+from pipeline.settings import HeatmapSettings, settings_json
+from pipeline.tiling import TileSettings
+from pipeline.train_settings import TrainSettings
 
 
 RESULTS = config["results"]
@@ -65,7 +71,7 @@ def demo_samples():
 
     In a sweep each dataset's sample ids (and groups) carry its name, e.g. `w01-slide-00`.
     """
-    from pipeline.demo import DemoSettings, plan
+    from pipeline.demo import plan
 
     samples = {}
     for name, settings in DATASETS.items():
@@ -101,6 +107,13 @@ def config_problems():
     if seed is not None and seed not in seeds:
         problems.append(f"heatmaps.seed {seed} is not one of train.seeds {seeds}: the viewer shows a trained seed's "
                         f"maps; set heatmaps.seed to one of {seeds}, or to null for the first")
+    from pipeline.head_info import registered_heads
+
+    known = registered_heads()
+    unknown = [head for head in config["train"]["heads"] if head not in known]
+    if unknown:
+        problems.append(f"train.heads: unknown head{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                        f"the registered heads are {', '.join(known)}")
     names = [entry["name"] for entry in config["sweep"]]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
@@ -145,6 +158,11 @@ def demo_folder(wildcards, output):
     return os.path.dirname(output.sheet)
 
 
+def demo_settings(name):
+    """A dataset's demo settings (`demo`, with a sweep entry's keys over it) as `gapless demo --settings` JSON."""
+    return settings_json(DemoSettings, DATASETS[name])
+
+
 # tiling -------------------------------------------------------------------------------------------
 
 
@@ -161,27 +179,21 @@ def sample_kind(wildcards):
     return SAMPLES[wildcards.sample].kind
 
 
-def tile_grid(setting):
-    """An input function giving one tiling setting (mpp, tile_size, ...) for the sample's kind."""
-
-    def setting_for_sample(wildcards):
-        return config["tiling"][sample_kind(wildcards)][setting]
-
-    return setting_for_sample
+def tile_settings(wildcards):
+    """The `tiling` section as `gapless tile --settings` JSON: the grid of the sample's kind
+    (tiling.slide or tiling.image) over the keys shared by both kinds."""
+    tiling = config["tiling"]
+    return settings_json(TileSettings, {**tiling, **tiling[sample_kind(wildcards)]})
 
 
 def tile_options(wildcards):
-    """The optional flags of `gapless tile`, shell-quoted: slide µm/px, annotations, empty policy."""
+    """What the sample sheet says about a sample, as `gapless tile` flags, shell-quoted: µm/px, annotations."""
     sample = SAMPLES[wildcards.sample]
     options = []
     if sample.mpp is not None:
         options += ["--slide-mpp", str(sample.mpp)]
     if sample.annotations is not None:
         options += ["--annotations", str(sample.annotations)]
-        for name in config["tiling"]["positive_classes"]:
-            options += ["--positive-class", name]
-    if config["tiling"]["on_empty"] == "flag":
-        options.append("--allow-empty")
     return shlex.join(options)
 
 
@@ -272,24 +284,11 @@ def mlflow_options(wildcards):
     return shlex.join(["--tracking-uri", uri]) if uri else ""
 
 
-def train_options(wildcards):
-    """The training settings from config as `gapless train` flags, shell-quoted."""
-    t = config["train"]
-    options = [
-        "--backbone", t["backbone"], "--pretrained", str(t["pretrained"]).lower() if isinstance(t["pretrained"], bool) else t["pretrained"],
-        "--epochs", t["epochs"], "--batch-size", t["batch_size"], "--lr", t["lr"], "--weight-decay", t["weight_decay"],
-        "--warmup-epochs", t["warmup_epochs"], "--grad-clip", t["grad_clip"], "--split", *t["split"],
-        "--device", t["device"],
-    ]
-    for key in ("image_size", "steps_per_epoch"):
-        if t.get(key):
-            options += [f"--{key.replace('_', '-')}", t[key]]
-    head_kwargs = t["head_kwargs"].get(wildcards.head)
-    if head_kwargs:
-        options += ["--head-kwargs", json.dumps(head_kwargs)]
-    if t["accept_flagged"]:
-        options.append("--accept-flagged")
-    return shlex.join(str(o) for o in options)
+def train_settings(wildcards):
+    """The `train` section as `gapless train --settings` JSON, with the job's head's own options from
+    train.head_kwargs. The rule's --threads (what Snakemake gives the job) overrides train.threads."""
+    train = config["train"]
+    return settings_json(TrainSettings, {**train, "head_kwargs": train["head_kwargs"].get(wildcards.head, {})})
 
 
 # heatmaps -----------------------------------------------------------------------------------------
@@ -314,6 +313,9 @@ def heatmap_model_options(wildcards):
         seed_folder = os.path.basename(os.path.dirname(weights))
         options += ["--model", os.path.dirname(weights), "--out", f"{HEATMAPS}/{wildcards.head}/{seed_folder}"]
     return shlex.join(options)
+
+
+HEATMAP_SETTINGS = settings_json(HeatmapSettings, config["heatmaps"])
 
 
 def heatmap_options(wildcards):

@@ -1,5 +1,5 @@
 # The comparison: every run of this comparison read back from MLflow (not from loose files),
-# tables with intervals over seeds, each head against gap, plots; logged to the comparison run.
+# tables with intervals over seeds, each head against the baseline head (gap), plots; logged to the comparison run.
 
 
 rule compare:

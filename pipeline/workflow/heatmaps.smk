@@ -12,8 +12,7 @@ rule heatmap:
         expand(f"{HEATMAPS}/{{{{head}}}}/seed{{seed}}/{{{{sample}}}}.json", seed=config["train"]["seeds"]),
     params:
         models=heatmap_model_options,
-        normalisation=config["heatmaps"]["normalisation"],
-        batch_size=config["heatmaps"]["batch_size"],
+        settings=HEATMAP_SETTINGS,
         options=heatmap_options,
         device=config["train"]["device"],
     threads: config["heatmaps"]["threads"]
@@ -26,8 +25,7 @@ rule heatmap:
         "../../envs/gapless.yaml"
     shell:
         "gapless heatmap {input.store:q} {params.models} --sample={wildcards.sample}"
-        " --normalisation {params.normalisation} --batch-size {params.batch_size}"
-        " --device {params.device} --threads {threads}"
+        " --settings {params.settings:q} --device {params.device} --threads {threads}"
         " --comparison {input.comparison:q} {params.options} > {log:q} 2>&1"
 
 

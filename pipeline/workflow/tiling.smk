@@ -9,11 +9,7 @@ rule tile:
         directory(f"{TILES}/{{sample}}.zarr"),
     params:
         kind=sample_kind,
-        mpp=tile_grid("mpp"),
-        tile_size=tile_grid("tile_size"),
-        stride=tile_grid("stride"),
-        min_tissue=tile_grid("min_tissue"),
-        tissue=config["tiling"]["tissue"],
+        settings=tile_settings,
         options=tile_options,
     threads: 4
     resources:
@@ -23,9 +19,8 @@ rule tile:
     conda:
         "../../envs/gapless.yaml"
     shell:
-        "gapless tile {input.source:q} --out {output:q} --kind {params.kind} --mpp {params.mpp}"
-        " --tile-size {params.tile_size} --stride {params.stride} --min-tissue {params.min_tissue}"
-        " --tissue {params.tissue} --workers {threads} {params.options} > {log:q} 2>&1"
+        "gapless tile {input.source:q} --out {output:q} --kind {params.kind} --settings {params.settings:q}"
+        " --workers {threads} {params.options} > {log:q} 2>&1"
 
 
 rule tiles_qc:

@@ -35,7 +35,7 @@ rule train:
         out=run_folder,
         tiles=TILES,
         classes=config["classes"],
-        options=train_options,
+        settings=train_settings,
         config=logged_config,
         kind=cohort_kind,
     threads: config["train"]["threads"]
@@ -49,5 +49,5 @@ rule train:
     shell:
         "gapless train --samples {input.sheet:q} --tiles {params.tiles:q} --out {params.out:q}"
         " --kind {params.kind} --head {wildcards.head} --seed {wildcards.seed} --classes {params.classes:q}"
-        " --threads {threads} --comparison {input.comparison:q} --config {params.config:q} {params.options}"
-        " > {log:q} 2>&1"
+        " --threads {threads} --comparison {input.comparison:q} --config {params.config:q}"
+        " --settings {params.settings:q} > {log:q} 2>&1"

@@ -25,7 +25,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipeline.device import autocast_for, resolve_device
+from pipeline.device import autocast_for, device_name, resolve_device
+from pipeline.inference import forward, to_device
 from pipeline.errors import GaplessError
 
 __all__ = ["bench_heads"]
@@ -38,7 +39,7 @@ def bench_heads(backbone="resnet50", image_size=224, batch_size=64, heads=None, 
                 print_fn=print) -> dict:
     """Time training steps and inference of each head on ``backbone``; with ``store``, time the loader too.
 
-    heads: head names (default every registered head); ``gap`` is always measured, first, as the
+    heads: head names (default every registered head); the baseline head (``gap``) is always measured, first, as the
     reference of the time ratio. device: torch device or its name (default CUDA when available,
     else CPU). channels: input channels, replaced by the store's when a store is given. store: a tile
     store path (``*.zarr``) or a list of them. loader_workers: DataLoader workers (default
@@ -49,18 +50,19 @@ def bench_heads(backbone="resnet50", image_size=224, batch_size=64, heads=None, 
     ``load_average_after`` (1-minute load averages around the run, to judge the figures), ``memory``
     (what ``peak_memory_mb`` measures), ``loader`` (None without a store, else a dict with
     ``images_per_s``) and ``rows``, one dict per head: ``head``, ``ms_per_batch``,
-    ``train_images_per_s``, ``ratio_to_gap`` (time per batch / gap's), ``inference_images_per_s``,
+    ``train_images_per_s``, ``ratio_to_baseline`` (time per batch / the baseline's), ``inference_images_per_s``,
     ``parameters``, ``peak_memory_mb`` (None where not measured) and ``loader_margin`` (loader
     images/s / training images/s; None without a store).
     """
     import torch
 
-    from pipeline.models.heads import HEADS, get_head_class
+    from pipeline.models.heads import HEADS, get_head_class, head_catalog
 
     names = list(HEADS) if heads is None else ([heads] if isinstance(heads, str) else list(heads))
     for name in names:
         get_head_class(name)  # GaplessError naming the choices
-    names = ["gap", *dict.fromkeys(n for n in names if n != "gap")]
+    baseline = next(info.name for info in head_catalog().values() if info.baseline)
+    names = [baseline, *dict.fromkeys(n for n in names if n != baseline)]
     _check_settings(backbone, image_size, batch_size, steps, warmup, channels, loader_batches, loader_workers)
     stores = _store_list(store)
     dev = resolve_device(device)
@@ -78,48 +80,12 @@ def bench_heads(backbone="resnet50", image_size=224, batch_size=64, heads=None, 
 
     result = {
         "backbone": backbone, "image_size": image_size, "batch_size": batch_size, "device": str(dev),
-        "device_name": _device_name(dev), "dtype": "bfloat16 autocast" if cuda else "float32",
+        "device_name": device_name(dev), "dtype": "bfloat16 autocast" if cuda else "float32",
         "channels_last": cuda, "channels": channels, "steps": steps, "warmup": warmup,
         "memory": memory, "loader": loader, "rows": [],
     }
-    print_fn(
-        f"bench heads: {backbone}, {image_size} px, batch {batch_size}, {channels} channel(s)"
-        f"{f' (the store holds {channels}, not {requested_channels})' if channels != requested_channels else ''}, "
-        f"{result['device_name']}, {result['dtype']}{' + channels_last' if cuda else ''}, "
-        f"median of {steps} step(s) after {warmup} warm-up"
-    )
-    if loader is not None:
-        print_fn(
-            f"loader: {loader['tiles']} tiles from {len(loader['stores'])} store(s) ({loader['modality']}, "
-            f"{loader['tile_size']} px tiles → {image_size} px), {loader['workers']} worker(s), "
-            f"{loader['batches']} batches after the first: {loader['images_per_s']:.1f} images/s"
-        )
-    header = (f"{'head':<9} {'ms/batch':>9} {'train img/s':>12} {'time/gap':>9} {'infer img/s':>12} "
-              f"{'params':>9} {'peak MB':>8}")
-    print_fn(header + (f" {'loader/model':>13}" if loader is not None else ""))
-
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)  # as train.set_determinism
-    try:
-        with warnings.catch_warnings():
-            # warn_only: ops without a deterministic kernel (and cuBLAS without its workspace setting) warn per call
-            warnings.filterwarnings("ignore", message=".*determinis.*")
-            for name in names:
-                row = _bench_one(backbone, name, dev, channels, image_size, batch_size, steps, warmup, measure_peak)
-                gap_ms = result["rows"][0]["ms_per_batch"] if result["rows"] else row["ms_per_batch"]  # gap comes first
-                row["ratio_to_gap"] = row["ms_per_batch"] / gap_ms
-                row["loader_margin"] = loader["images_per_s"] / row["train_images_per_s"] if loader is not None else None
-                result["rows"].append(row)
-                peak = f"{row['peak_memory_mb']:.0f}" if row["peak_memory_mb"] is not None else "n/a"
-                line = (f"{name:<9} {row['ms_per_batch']:>9.1f} {row['train_images_per_s']:>12.1f} "
-                        f"{row['ratio_to_gap']:>8.2f}x {row['inference_images_per_s']:>12.1f} "
-                        f"{row['parameters'] / 1e6:>8.2f}M {peak:>8}")
-                if loader is not None:
-                    line += f" {row['loader_margin']:>12.2f}x"
-                print_fn(line)
-    finally:
-        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    _print_header(result, requested_channels, baseline, print_fn)
+    result["rows"] = _measure_heads(names, result, measure_peak, print_fn)
     print_fn(f"peak MB: {result['memory']}")
     # 1-minute load averages: before the run (the others' load) and after it, less our own torch threads
     cores, load_after = os.cpu_count() or 1, _load_average()
@@ -132,6 +98,54 @@ def bench_heads(backbone="resnet50", image_size=224, batch_size=64, heads=None, 
     if loader is not None:
         print_fn("loader/model > 1: the loader keeps up with that head (measured apart; cores shared in training lower it)")
     return result
+
+
+def _print_header(result: dict, requested_channels: int, baseline: str, print_fn) -> None:
+    loader, channels, image_size = result["loader"], result["channels"], result["image_size"]
+    print_fn(
+        f"bench heads: {result['backbone']}, {image_size} px, batch {result['batch_size']}, {channels} channel(s)"
+        f"{f' (the store holds {channels}, not {requested_channels})' if channels != requested_channels else ''}, "
+        f"{result['device_name']}, {result['dtype']}{' + channels_last' if result['channels_last'] else ''}, "
+        f"median of {result['steps']} step(s) after {result['warmup']} warm-up"
+    )
+    if loader is not None:
+        print_fn(
+            f"loader: {loader['tiles']} tiles from {len(loader['stores'])} store(s) ({loader['modality']}, "
+            f"{loader['tile_size']} px tiles → {image_size} px), {loader['workers']} worker(s), "
+            f"{loader['batches']} batches after the first: {loader['images_per_s']:.1f} images/s"
+        )
+    header = (f"{'head':<9} {'ms/batch':>9} {'train img/s':>12} {'time/' + baseline:>9} {'infer img/s':>12} "
+              f"{'params':>9} {'peak MB':>8}")
+    print_fn(header + (f" {'loader/model':>13}" if loader is not None else ""))
+
+
+def _measure_heads(names: list[str], result: dict, measure_peak: bool, print_fn) -> list[dict]:
+    """One row per head (the baseline first), each printed as it is measured; determinism as in training."""
+    import torch
+
+    loader, dev, rows = result["loader"], torch.device(result["device"]), []
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # as train.set_determinism
+    try:
+        with warnings.catch_warnings():
+            # warn_only: ops without a deterministic kernel (and cuBLAS without its workspace setting) warn per call
+            warnings.filterwarnings("ignore", message=".*determinis.*")
+            for name in names:
+                row = _bench_one(result["backbone"], name, dev, result["channels"], result["image_size"],
+                                 result["batch_size"], result["steps"], result["warmup"], measure_peak)
+                baseline_ms = rows[0]["ms_per_batch"] if rows else row["ms_per_batch"]  # the baseline comes first
+                row["ratio_to_baseline"] = row["ms_per_batch"] / baseline_ms
+                row["loader_margin"] = loader["images_per_s"] / row["train_images_per_s"] if loader is not None else None
+                rows.append(row)
+                peak = f"{row['peak_memory_mb']:.0f}" if row["peak_memory_mb"] is not None else "n/a"
+                line = (f"{name:<9} {row['ms_per_batch']:>9.1f} {row['train_images_per_s']:>12.1f} "
+                        f"{row['ratio_to_baseline']:>8.2f}x {row['inference_images_per_s']:>12.1f} "
+                        f"{row['parameters'] / 1e6:>8.2f}M {peak:>8}")
+                print_fn(line + (f" {row['loader_margin']:>12.2f}x" if loader is not None else ""))
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,13 +182,14 @@ def _store_list(store) -> list[Path]:
 def _bench_loader(stores: Sequence[Path], image_size: int, batch_size: int, workers: int, batches: int) -> dict:
     """Images/s of the training loader over ``batches`` batches after the first one."""
     from pipeline import data
+    from pipeline.augment import build_transforms
     from pipeline.samples import Sample
 
     # Only tile labels matter to the sampler: annotated tiles keep theirs, the others count as negative.
     samples = [Sample(f"{k:03d}-{p.stem}", p, _CLASSES[0]) for k, p in enumerate(stores)]
     table = data.build_tile_table(samples, {s.sample_id: s.path for s in samples}, _CLASSES)
     mean, std = data.channel_normalisation(table)
-    transform = data.build_transforms(table.modality, True, mean, std, image_size=image_size, tile_size=table.tile_size)
+    transform = build_transforms(table.modality, True, mean, std, image_size=image_size, tile_size=table.tile_size)
     dataset = data.TileDataset(table, transform)
     sampler = data.balanced_sampler(table, seed=0, num_samples=(batches + 1) * batch_size)
     loader = data.make_loader(dataset, batch_size, workers, sampler=sampler, seed=0, drop_last=True)
@@ -221,17 +236,15 @@ def _bench_one(backbone: str, head: str, dev, channels: int, image_size: int, ba
     optimiser = torch.optim.AdamW(model.parameters(), lr=defaults.lr, weight_decay=defaults.weight_decay)
     autocast = autocast_for(dev)
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(batch_size, channels, image_size, image_size, generator=generator).to(dev)
+    x = to_device(torch.randn(batch_size, channels, image_size, image_size, generator=generator), dev)
     y = torch.randint(0, len(_CLASSES), (batch_size,), generator=generator).to(dev)
-    if cuda:
-        x = x.contiguous(memory_format=torch.channels_last)
 
     def step():
         train_step(model, x, y, optimiser, autocast, defaults.grad_clip)
 
     def infer_step():
-        with torch.no_grad(), autocast():
-            model(x)
+        with torch.no_grad():
+            forward(model, x, dev, autocast)
 
     model.train()
     train_s = _median_seconds(step, steps, warmup, cuda)
@@ -243,7 +256,7 @@ def _bench_one(backbone: str, head: str, dev, channels: int, image_size: int, ba
         "inference_ms_per_batch": infer_s * 1e3, "inference_images_per_s": batch_size / infer_s,
         "parameters": sum(p.numel() for p in model.parameters()), "peak_memory_mb": peak,
     }
-    del model, optimiser, x, y
+    model = optimiser = x = y = None  # free them before the next head (the closures hold the cells)
     _free(dev)
     return row
 
@@ -275,22 +288,6 @@ def _load_average() -> float:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return 0.0
-
-
-def _device_name(dev) -> str:
-    import torch
-
-    if dev.type == "cuda":
-        return f"{dev} ({torch.cuda.get_device_name(dev)})"
-    if dev.type == "cpu":
-        model = ""
-        with contextlib.suppress(OSError):
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip() + ", "
-                    break
-        return f"cpu ({model}{os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-    return str(dev)
 
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")

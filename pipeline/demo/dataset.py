@@ -1,0 +1,146 @@
+"""The demo's settings and plan: which samples, with which labels and random streams (cheap: the workflow
+plans the demo when it is parsed, so nothing here imports scipy or Pillow)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+# scipy and Pillow are imported by the functions that render: Snakemake imports this module for
+# plan() when it parses the workflow, and they would more than double that import's time.
+from pipeline.errors import GaplessError
+from pipeline.settings import setting
+
+# Ruifrok & Johnston stain vectors (RGB optical density per unit concentration), normalised.
+_H_VEC = np.array([0.65, 0.70, 0.29]) / np.linalg.norm([0.65, 0.70, 0.29])
+_E_VEC = np.array([0.07, 0.99, 0.11]) / np.linalg.norm([0.07, 0.99, 0.11])
+
+_TILE = 256  # TIFF tile edge, px
+_SLIDE_KIND, _FIELD_KIND = 1, 2  # stream ids for the per-sample random generators
+_LESION_DENSITY_BOOST = 1.5  # lesion regions are hypercellular (positive and negative slides)
+_WITNESS_CLASS = {"name": "Witness", "color": [220, 40, 40]}
+_CSV_COLUMNS = ("sample_id", "path", "label", "group", "kind", "annotations")
+_MAX_SLIDE_PX = 16384
+_MAX_IMAGE_PX = 8192
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What to synthesise.
+
+    Labels alternate positive/negative, starting with positive. Lesion regions of slides carry 1.5x
+    ``cell_density``, which packing caps in practice (~65 per 10,000 µm² at the 7 µm minimum nucleus
+    spacing), so very high values saturate. At least one witness per lesion / field.
+
+    Each field is a ``gapless demo`` flag and a key of the config's ``demo`` section (and of a
+    ``sweep`` entry); a new knob is a field here and its entry in ``config/schema.yaml``.
+    """
+
+    slides: int = setting(8, help="number of whole slides (H&E-like pyramidal TIFF)")
+    images: int = setting(8, help="number of fluorescence fields (two-channel uint16 OME-TIFF)")
+    slide_width: int = setting(3072, help="slide width, level-0 px")
+    slide_height: int = setting(2304, help="slide height, level-0 px")
+    slide_mpp: float = setting(0.5, help="slide µm/px at level 0")
+    image_size: int = setting(1024, help="edge of the square fluorescence fields, px")
+    image_mpp: float = setting(0.5, help="fluorescence field µm/px")
+    cell_density: float = setting(40.0, help="cells per 10,000 µm² of tissue (slides) or of field (images)")
+    witness_fraction: float = setting(0.05, help="fraction of the cells in each lesion (positive slides) or of all "
+                                                 "cells (positive fields) that are witnesses")
+    lesions: int = setting(2, help="lesion regions per slide (positive and negative slides alike)")
+    seed: int = setting(0, help="non-negative integer; same seed, same bytes")
+
+
+@dataclass(frozen=True)
+class DemoSample:
+    """One row of ``samples.csv``; ``path`` and ``annotations`` are relative to the output dir."""
+
+    sample_id: str
+    path: str
+    label: str
+    group: str
+    kind: str
+    annotations: str
+
+
+# --------------------------------------------------------------------------------------------
+# settings and plan
+
+
+def _validate(s: DemoSettings) -> None:
+    def fail(cause: str, fix: str) -> None:
+        raise GaplessError(None, f"demo settings: {cause}", fix)
+
+    def is_int(v) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    def is_num(v) -> bool:
+        return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+    for name in ("slides", "images", "lesions", "seed"):
+        v = getattr(s, name)
+        if not is_int(v) or v < 0:
+            fail(f"{name} must be a non-negative integer, got {v!r}", f"set {name} to 0 or more")
+    if s.slides + s.images == 0:
+        fail("slides and images are both 0, nothing to generate", "ask for at least one slide or image")
+    if s.slides and s.lesions < 1:
+        fail(f"lesions must be at least 1 when slides are requested, got {s.lesions!r}",
+             "set lesions to 1 or more")
+    for name, lo, hi in (("slide_width", 256, _MAX_SLIDE_PX), ("slide_height", 256, _MAX_SLIDE_PX),
+                         ("image_size", 64, _MAX_IMAGE_PX)):
+        v = getattr(s, name)
+        if not is_int(v) or not lo <= v <= hi:
+            fail(f"{name} must be an integer between {lo} and {hi} px, got {v!r}",
+                 f"set {name} within {lo}..{hi}")
+    for name in ("slide_mpp", "image_mpp"):
+        v = getattr(s, name)
+        if not is_num(v) or not math.isfinite(v) or not 0.05 <= v <= 10.0:
+            fail(f"{name} must be a pixel size between 0.05 and 10 µm/px, got {v!r}",
+                 f"set {name} to e.g. 0.5")
+    v = s.cell_density
+    if not is_num(v) or not math.isfinite(v) or not 0 < v <= 200:
+        fail(f"cell_density must be above 0 and at most 200 cells per 10,000 µm², got {v!r}",
+             "set cell_density to e.g. 40")
+    v = s.witness_fraction
+    if not is_num(v) or not math.isfinite(v) or not 0 < v <= 1:
+        fail(f"witness_fraction must be above 0 and at most 1, got {v!r}",
+             "set witness_fraction to e.g. 0.05")
+
+
+def _ids(prefix: str, n: int) -> list[str]:
+    width = max(2, len(str(max(n - 1, 0))))
+    return [f"{prefix}-{i:0{width}d}" for i in range(n)]
+
+
+def plan(settings: DemoSettings) -> list[DemoSample]:
+    """The samples `generate` will write, without rendering anything (cheap; Snakemake calls it at parse time).
+
+    Slides come first (``slide-00`` ...), then fluorescence fields (``field-00`` ...).  Labels
+    alternate ``positive``/``negative`` starting with positive, so they are balanced.  Each slide
+    is its own patient (``patient-00`` ...), each field its own plate group (``plate-00`` ...).
+    """
+    _validate(settings)
+    out: list[DemoSample] = []
+    for i, sid in enumerate(_ids("slide", settings.slides)):
+        out.append(DemoSample(
+            sample_id=sid, path=f"slides/{sid}.tiff", label="positive" if i % 2 == 0 else "negative",
+            group=sid.replace("slide", "patient"), kind="slide", annotations=f"annotations/{sid}.geojson"))
+    for i, sid in enumerate(_ids("field", settings.images)):
+        out.append(DemoSample(
+            sample_id=sid, path=f"images/{sid}.ome.tif", label="positive" if i % 2 == 0 else "negative",
+            group=sid.replace("field", "plate"), kind="image", annotations=f"annotations/{sid}.geojson"))
+    return out
+
+
+def _index(sample: DemoSample) -> int:
+    return int(sample.sample_id.rsplit("-", 1)[1])
+
+
+def _seeds(settings: DemoSettings, sample: DemoSample) -> tuple[np.random.Generator, np.random.Generator]:
+    """Two independent generators for a sample: one for the scene layout, one for textures/noise."""
+    kind = _SLIDE_KIND if sample.kind == "slide" else _FIELD_KIND
+    layout, render = np.random.SeedSequence([int(settings.seed), kind, _index(sample)]).spawn(2)
+    return np.random.default_rng(layout), np.random.default_rng(render)
+
+

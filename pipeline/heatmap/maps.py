@@ -1,0 +1,158 @@
+"""Inference over a tile store, one batch at a time: each tile's class probabilities and maps.
+
+``iter_tile_maps`` yields ``TileMaps`` per batch (reading and transforming the next batch overlaps the
+model's work on this one); ``infer_store`` holds them all; ``tile_batches`` gives a store without
+tiles (flagged "no tissue") one empty batch of the right shape.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.device import autocast_for, resolve_device
+from pipeline.errors import GaplessError
+from pipeline.inference import forward, probabilities
+from pipeline.store import store_attrs
+
+@dataclass
+class TileMaps:
+    """Per-tile inference over a store: N tiles, K classes, h×w maps (all float32, on the CPU)."""
+
+    coords: np.ndarray  # (N, 2) int64 top-left (x, y), level-0 px
+    probs: np.ndarray  # (N, K) class probabilities
+    contribution: np.ndarray  # (N, K, h, w) the head's contribution maps
+    attention: np.ndarray | None  # (N, 1, h, w) or None where the head has no attention
+    spread: np.ndarray  # (N, 1, h, w) p_positive · w / max(w) (the ``attention`` normalisation)
+    spread_weights: str  # share | attention | softmax: which w the spread used
+
+
+def open_maps_store(store):
+    """(zarr group, path or None) for a store path (opened and checked) or an opened group."""
+    from pipeline.store import open_store
+
+    if isinstance(store, (str, Path)):
+        return open_store(store), Path(store)
+    return store, Path(str(store.store.root)) if hasattr(store.store, "root") else None
+
+
+def iter_tile_maps(model, config: Mapping, store, batch_size: int = 64, device=None,
+                   progress: bool = True) -> Iterator[tuple[int, TileMaps]]:
+    """Yield ``(start, TileMaps of tiles start … start + B)`` batch by batch, never more than one batch held.
+
+    ``model``: any ``nn.Module`` whose forward returns a ``HeadOutput`` (a trained head from
+    ``load_trained``, or a synthetic module in a test). ``config``: ``mean`` and ``std`` per channel
+    in the tiles' raw units (required), ``modality``, ``image_size`` (optional): the evaluation
+    transform of training (``augment.build_transforms(train=False)``). Reading and transforming the
+    next batch overlaps the model's work on this one. CUDA: bf16 autocast and channels-last, as in
+    training; maps come back as float32.
+    """
+    import torch
+
+    from pipeline.augment import build_transforms
+    from pipeline.store import read_tiles
+
+    root, path = open_maps_store(store)
+    tiles = root["tiles"]
+    coords = np.asarray(root["coords"][:], dtype=np.int64)
+    n = int(tiles.shape[0])
+    if "mean" not in config or "std" not in config:
+        raise GaplessError(path, "the model config has no channel mean/std", "pass the config load_trained returns")
+    channels = int(tiles.shape[3])
+    if len(config["mean"]) != channels:
+        raise GaplessError(path, f"the model was trained on {len(config['mean'])}-channel tiles, this store has {channels}",
+                           "use a head trained on samples of this kind (slide or image)")
+    transform = build_transforms(config.get("modality") or store_attrs(root, path).modality, False,
+                                 config["mean"], config["std"], image_size=config.get("image_size"),
+                                 tile_size=int(tiles.shape[1]))
+    device = resolve_device(device)
+    model = model.to(device).eval()
+    autocast = autocast_for(device)
+
+    def load(start: int) -> torch.Tensor:
+        block = read_tiles(tiles, start, start + batch_size, path)  # a bad tile: one line naming the store
+        images = []
+        for tile in block:
+            image = transform(image=tile)["image"]
+            images.append(image[..., None] if image.ndim == 2 else image)
+        return torch.from_numpy(np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2), dtype=np.float32))
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=n, desc=f"heatmap {path.name if path else 'store'}", unit="tile", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    starts = list(range(0, n, batch_size))
+    try:
+        with ThreadPoolExecutor(1) as reader, torch.no_grad():
+            pending = reader.submit(load, starts[0]) if starts else None
+            for i, start in enumerate(starts):
+                x = pending.result()
+                pending = reader.submit(load, starts[i + 1]) if i + 1 < len(starts) else None
+                out = forward(model, x, device, autocast)
+                yield start, _tile_maps(out, coords[start : start + len(x)])
+                bar.update(len(x))
+    finally:
+        bar.close()
+
+
+def _tile_maps(out, coords: np.ndarray) -> TileMaps:
+    """HeadOutput → TileMaps (float32 numpy), with the ``attention`` normalisation's spread."""
+    probs = probabilities(out)
+    contribution = out.contribution.float()
+    attention = None if out.attention is None else out.attention.float()
+    if contribution.ndim != 4 or contribution.shape[2] != contribution.shape[3]:
+        raise GaplessError(None, f"the model's contribution map has shape {tuple(contribution.shape)}, not B×K×h×h",
+                           "heatmaps need square maps: use square tiles and a convolutional backbone")
+    positive = contribution[:, -1]
+    if out.scores_are_log_probs:
+        weights, kind = positive.clamp_min(0), "share"
+    elif attention is not None:
+        weights, kind = attention[:, 0].clamp_min(0), "attention"
+    else:
+        weights, kind = (positive - positive.amax(dim=(1, 2), keepdim=True)).exp(), "softmax"
+    peak = weights.amax(dim=(1, 2), keepdim=True)
+    share = (weights / peak.clamp_min(1e-30)).where(peak > 0, weights.new_ones(()))
+    spread = (probs[:, -1, None, None] * share).unsqueeze(1)
+    numpy = lambda t: t.detach().cpu().numpy().astype(np.float32, copy=False)  # noqa: E731
+    return TileMaps(np.asarray(coords, np.int64), numpy(probs), numpy(contribution),
+                    None if attention is None else numpy(attention), numpy(spread), kind)
+
+
+def infer_store(model, config: Mapping, store, batch_size: int = 64, device=None, progress: bool = True) -> TileMaps:
+    """Inference over every tile of ``store``: per-tile probabilities (N×K), contribution maps
+    (N×K×h×w float32) and attention (N×1×h×w or None), all at once (see ``iter_tile_maps``).
+
+    Holds N×K×h×w floats; ``stitch_store`` streams instead and holds one batch.
+    """
+    parts = list(tile_batches(model, config, store, batch_size, device, progress))
+    attention = None if parts[0].attention is None else np.concatenate([p.attention for p in parts])
+    return TileMaps(np.concatenate([p.coords for p in parts]), np.concatenate([p.probs for p in parts]),
+                    np.concatenate([p.contribution for p in parts]), attention,
+                    np.concatenate([p.spread for p in parts]), parts[0].spread_weights)
+
+
+def tile_batches(model, config: Mapping, store, batch_size: int, device, progress: bool) -> Iterator[TileMaps]:
+    """The batches of ``iter_tile_maps``, or for a store without tiles (flagged "no tissue") one batch
+    of no tiles, its maps' shape and channels from the model's output on one blank input."""
+    import torch
+
+    root, _ = open_maps_store(store)
+    empty = True
+    for _, maps in iter_tile_maps(model, config, root, batch_size, device, progress):
+        empty = False
+        yield maps
+    if empty:
+        device = resolve_device(device)
+        t = int(store_attrs(root).tile_size or root["tiles"].shape[1])
+        size = int(config.get("image_size") or t)
+        x = torch.zeros(1, len(config["mean"]), size, size, device=device)
+        with torch.no_grad():
+            probe = _tile_maps(model.to(device).eval()(x), np.zeros((0, 2), np.int64))
+        yield TileMaps(probe.coords, probe.probs[:0], probe.contribution[:0],
+                       None if probe.attention is None else probe.attention[:0], probe.spread[:0], probe.spread_weights)
+

@@ -1,0 +1,123 @@
+"""Heatmaps of trained heads: the entry points ``heatmap_model`` (one model, one store) and
+``heatmap_sample`` (one store, one or several trained run folders), and their MLflow logging.
+
+For one sample × trained head: inference over every tile of the store (batched; CUDA with bf16
+autocast when present, as in training), each tile's map put at the tile's place on a grid over the
+whole slide, normalised on a scale shared by every head, written as OME-Zarr, PNGs and a JSON for a
+viewer, scored against witness annotations and logged to the head's MLflow run as
+``heatmap/{sample}/{score}`` (names: :mod:`pipeline.mlflow_names`), the PNG as an artifact under
+``heatmaps/``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from pipeline.device import resolve_device
+from pipeline.errors import GaplessError
+from pipeline.head_info import HeadInfo
+from pipeline.heatmap.canvas import stitch_store
+from pipeline.heatmap.maps import open_maps_store
+from pipeline.heatmap.outputs import write_heatmap
+from pipeline.heatmap.scores import check_normalisation, normalise, score_heatmap
+from pipeline.io import same_mpp
+from pipeline.mlflow_names import heatmap_metric
+from pipeline.store import store_attrs
+from pipeline.run_folder import load_trained
+
+log = logging.getLogger("gapless.heatmap")
+
+
+def heatmap_model(model, config: Mapping, store, out_dir: str | Path, sample_id: str | None = None,
+                  head: str | None = None, normalisation: str = "rank", annotations=None,
+                  positive_classes: Sequence[str] = (), batch_size: int = 64, device=None,
+                  run_id: str | None = None, tracking_uri: str | None = None, progress: bool = True) -> dict:
+    """One model on one store: stitch, normalise, score, write into ``out_dir``, log to MLflow.
+
+    ``annotations``: an ``Annotations``, a GeoJSON path, or None for the one recorded in the store
+    at tiling time (attr ``annotations``, with its ``positive_classes`` unless given), when it
+    exists. MLflow: with ``tracking_uri`` and ``run_id`` (default: ``config["run_id"]``) the scores
+    go to that run as ``heatmap/{sample}/{score}`` and the PNG under ``heatmaps/``.
+    """
+    check_normalisation(normalisation)
+    root, path = open_maps_store(store)
+    sample_id = sample_id or (path.name.removesuffix(".zarr") if path else "sample")
+    info = HeadInfo.from_dict(config.get("head_info"), name=head or config.get("head") or type(model).__name__)
+    head = info.name
+    run_id = run_id if run_id is not None else config.get("run_id")
+    classes = list(config.get("classes") or [])
+    attrs = store_attrs(root, path)
+    if config.get("mpp") and attrs.mpp and not same_mpp(attrs.mpp, config["mpp"]):
+        log.warning("%s: tiles at %.3g µm/px, the model was trained at %.3g µm/px", path, attrs.mpp, config["mpp"])
+
+    if annotations is None and attrs.annotations:
+        recorded = Path(attrs.annotations)
+        if recorded.is_file():
+            annotations = recorded
+            positive_classes = positive_classes or tuple(attrs.positive_classes or ())
+        else:
+            log.warning("%s: the annotations recorded at tiling (%s) are gone; no scores", path, recorded)
+    if isinstance(annotations, (str, Path)):
+        from pipeline.annotations import load_annotations
+
+        annotations = load_annotations(annotations)  # a bad file fails before any inference
+
+    maps = stitch_store(model, config, root, batch_size, device, progress)
+    if not classes:
+        classes = [str(i) for i in range(maps.probs.shape[1])]
+    values, value_range = normalise(maps, normalisation)
+    scores = score_heatmap(values, maps.cell, annotations, positive_classes) if annotations is not None else {}
+
+    thumbnail = root.get("thumbnail")
+    thumbnail = None if thumbnail is None else thumbnail[:]
+    paths = write_heatmap(out_dir, sample_id, info, maps, values, value_range, normalisation, classes,
+                          thumbnail, scores, run_id)
+    if tracking_uri and run_id:
+        from mlflow.exceptions import MlflowException
+
+        from pipeline.tracking import RunLogger
+
+        numeric = {k: v for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        try:
+            run = RunLogger(tracking_uri, run_id)
+            run.metrics({heatmap_metric(sample_id, k): v for k, v in numeric.items()})
+            run.artifact(paths["png"], "heatmaps")
+        except MlflowException as exc:
+            raise GaplessError(tracking_uri, f"cannot log to MLflow run {run_id}: {exc.message}",
+                               "pass the tracking URI the head was trained with (mlflow.tracking_uri or "
+                               "MLFLOW_TRACKING_URI)") from None
+    return {**paths, "scores": scores, "range": list(value_range), "normalisation": normalisation,
+            "run_id": run_id, "head": head, "tiles": int(len(maps.coords)), "cell_size": maps.cell,
+            "canvas": [int(values.shape[0]), int(values.shape[1])]}
+
+
+def heatmap_sample(store, run_dirs, out_dir: str | Path, sample_id: str | None = None, normalisation: str = "rank",
+                   annotations=None, positive_classes: Sequence[str] = (), batch_size: int = 64,
+                   tracking_uri: str | None = None, progress: bool = True, device=None) -> dict:
+    """Heatmaps of one sample for one or several trained heads; returns ``{head: {paths, scores, …}}``.
+
+    run_dirs: one training run directory (outputs go straight into ``out_dir``, e.g.
+    ``results/heatmaps/{head}``) or ``{head: run_dir}`` (outputs into ``out_dir/{head}/``).
+    Heads are comparable because the normalisation puts each on the same scale, not because they
+    run together: one call per head × sample gives the same files as one call for all heads.
+    sample_id: default the store's name without ``.zarr``. annotations, positive_classes,
+    tracking_uri: see ``heatmap_model`` (the run id comes from each run directory's run_id.txt).
+    """
+    check_normalisation(normalisation)
+    device = resolve_device(device)  # once for every model
+    root, _ = open_maps_store(store)
+    if isinstance(run_dirs, Mapping):
+        jobs = [(str(head), Path(d), Path(out_dir) / str(head)) for head, d in run_dirs.items()]
+    else:
+        jobs = [(None, Path(run_dirs), Path(out_dir))]
+    results = {}
+    for head, run_dir, target in jobs:
+        model, config = load_trained(run_dir, device)
+        head = head or config["head"]
+        results[head] = heatmap_model(model, config, root, target,
+                                      sample_id, head, normalisation, annotations, positive_classes, batch_size,
+                                      device, config.get("run_id"), tracking_uri, progress)
+        del model
+    return results

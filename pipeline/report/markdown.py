@@ -1,0 +1,251 @@
+"""``report.md``: the sources, notes on the runs' head tags, what the numbers do and do not show (each
+sentence computed from the tables), the table per setting, the paired verdicts, the skipped runs."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from pipeline.files import atomic_write_text
+from pipeline.report.columns import (
+    COST_METRICS,
+    INTERVAL_METRICS,
+    LABELS,
+    METRIC_RANGE,
+    VERDICTS,
+    setting_text,
+    short_name,
+)
+from pipeline.report.runs import counted, head_tag_conflicts
+from pipeline.report.statistics import t_quantile
+from pipeline.report.tables import setting_baselines
+
+
+def _num(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return f"{x:.{digits}f}"
+
+
+def _cost(x) -> str:
+    if x is None or not math.isfinite(x):
+        return "–"
+    if abs(x) >= 1e6:
+        return f"{x / 1e6:.2f} M"
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.1f}"
+
+
+def interval_text(n: int, mean: float, lo: float, hi: float, n_seeds: int | None = None, signed: bool = False,
+                  bounds: tuple[float, float] | None = None) -> str:
+    """``0.812 [0.790, 0.834]``; one value: ``0.812 (n = 1, interval undefined)``; none: ``–``.
+
+    bounds: the metric's range (e.g. 0–1 for an AUROC); the interval is shown cut to it.
+    """
+    if n == 0 or not math.isfinite(mean):
+        return "–"
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    fmt = (lambda v: f"{v:+.3f}") if signed else _num
+    if n < 2:
+        return f"{fmt(mean)} (n = 1, interval undefined)"
+    text = f"{fmt(mean)} [{fmt(lo)}, {fmt(hi)}]"
+    return text + (f" (n = {n})" if n_seeds is not None and n != n_seeds else "")
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    esc = lambda s: str(s).replace("|", "\\|")
+    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _row_setting(row, setting_keys: Sequence[str]) -> str:
+    """The setting of a summary or paired row, for people (``kind slide, witness_fraction 0.05, …``)."""
+    return setting_text([row[short_name(k)] for k in setting_keys], setting_keys)
+
+
+def _against(baselines: Sequence[str]) -> str:
+    """The baseline(s) the paired rows compare with, for a sentence: ``gap``, ``gap / max``."""
+    return " / ".join(baselines) or "the baseline"
+
+
+def baseline_notes(runs, setting_keys: Sequence[str], baseline: str | None = None) -> list[str]:
+    """Sentences on how each setting's baseline was decided where it is not simply the one tagged head:
+    heads whose runs disagree on their tags, an override, settings with no or several tagged baselines."""
+    out = []
+    for head, versions in head_tag_conflicts(runs).items():
+        shown = "; ".join(f"label {v.shown!r}, order {v.order}, baseline {v.baseline}" for v in versions)
+        out.append(f"The runs of {head} carry different head tags ({shown}); the latest run's are used.")
+    if baseline is not None:
+        return out + [f"The baseline {baseline} was given by hand, for every setting, instead of the runs' head tags."]
+    for setting, claims in setting_baselines(runs).items():
+        where = setting_text(setting, setting_keys)
+        if not claims:
+            out.append(f"No head at {where} is tagged as the baseline (runs trained before gapless logged each "
+                       f"head's tags carry none), so that setting has no paired comparison.")
+        elif len(claims) > 1:
+            heads = f"{', '.join(claims[:-1])} and {claims[-1]}"
+            out.append(f"{heads} are each tagged as the baseline at {where}, so that setting has "
+                       f"no paired comparison (give write_report one baseline to choose).")
+    return out
+
+
+def _seed_findings(runs, summary, setting_keys: Sequence[str]) -> list[str]:
+    """How many runs and seeds there are and what that means for the intervals."""
+    out = []
+    n = summary["n_seeds"]
+    seeds = f"{n.min()} to {n.max()}" if n.min() != n.max() else f"{n.min()}"
+    out.append(f"{len(counted(runs))} finished runs in {summary['setting'].nunique()} setting(s) and "
+               f"{summary['head'].nunique()} head(s), with {seeds} seed(s) per setting × head; the intervals are "
+               f"95 % t-intervals over seeds, so they describe how much a result moves between training seeds "
+               f"(the split and the initialisation change with the seed) on this data, not between data sets.")
+    ones = summary[summary["n_seeds"] < 2]
+    if len(ones):
+        which = "; ".join(f"{r['head']} at {_row_setting(r, setting_keys)}" for _, r in ones.iterrows())
+        out.append(f"{len(ones)} setting × head group(s) have a single seed, so their interval is undefined "
+                   f"(not zero) and they enter no paired comparison: {which}.")
+    widths = summary["test_auroc_ci_high"] - summary["test_auroc_ci_low"]
+    if widths.notna().any():
+        i = widths.idxmax()
+        k = int(summary.loc[i, "test_auroc_n"])
+        most = int(n.max())
+        text = (f"The widest tile AUROC interval is {widths[i]:.3f} wide ({summary.loc[i, 'head']} at "
+                f"{_row_setting(summary.loc[i], setting_keys)}, {k} seeds). With {most} seeds an interval's "
+                f"half-width is t(0.975, {most - 1}) = {t_quantile(most):.2f} standard errors")
+        if most <= 5:
+            text += "; with so few seeds the intervals are wide and only large, consistent differences are resolved"
+        out.append(text + ".")
+    aurocs = [m for m, _ in INTERVAL_METRICS if "auroc" in m]
+    past = sum(int(((summary[f"{m}_ci_high"] > 1) | (summary[f"{m}_ci_low"] < 0)).sum()) for m in aurocs)
+    if past:
+        out.append(f"{past} AUROC interval(s) reach past 0 or 1: the t-interval does not know that AUROC is bounded, "
+                   f"another sign that there are too few seeds for a precise estimate (the tables and plots show "
+                   f"them cut at 0 and 1).")
+    return out
+
+
+def _paired_findings(paired, baselines: Sequence[str], setting_keys: Sequence[str]) -> list[str]:
+    """The paired verdicts counted, the decided ones spelled out, and what the undecided ones mean."""
+    if not len(paired):
+        if baselines:
+            return [f"There is no paired comparison: no head other than {_against(baselines)} shares a setting with it."]
+        return ["There is no paired comparison: no setting has exactly one head tagged as the baseline."]
+    against = _against(baselines)
+    out = []
+    flat = paired[(paired["n_pairs"] >= 2) & (paired["sd_diff"].abs() <= 1e-12)]
+    if len(flat):
+        out.append(f"{len(flat)} paired difference(s) are identical on every seed (zero spread), so their interval "
+                   f"has zero width; with so few seeds this says the seeds agreed, not that the difference is exact.")
+    counts = Counter(paired["verdict"])
+    parts = ", ".join(f"{counts[v]} {v}" for v in VERDICTS if counts[v])
+    out.append(f"Paired against {against} by seed: {len(paired)} comparisons ({parts}).")
+    for _, r in paired[paired["verdict"].isin(["better", "worse"])].iterrows():
+        diff = interval_text(r["n_pairs"], r["mean_diff"], r["ci_low"], r["ci_high"], signed=True)
+        out.append(f"Backed by the numbers: {r['head']} is {r['verdict']} than {r['baseline']} on {LABELS[r['metric']]} "
+                   f"at {_row_setting(r, setting_keys)} (difference {diff}, {r['n_pairs']} seeds).")
+    undecided = int(counts["no evidence of a difference"])
+    if undecided:
+        out.append(f"{undecided} comparison(s) show no evidence of a difference: their interval contains 0, so a "
+                   f"claim that one head beats the other there is refused — and neither is it shown that they are "
+                   f"equal; more seeds narrow the interval.")
+    if counts["n too small"]:
+        out.append(f"{counts['n too small']} comparison(s) have fewer than 2 seeds shared with {against} "
+                   f"(or lack {against} or the metric) and decide nothing.")
+    tested = int(sum(counts[v] for v in VERDICTS[:3]))
+    if tested:
+        out.append(f"No correction for multiple comparisons is applied: of {tested} comparisons at 95 %, about "
+                   f"{0.05 * tested:.1f} would come out 'better' or 'worse' by chance alone if no head differed.")
+    return out
+
+
+def _localisation_findings(runs) -> list[str]:
+    """Which runs have localisation scores, and over which samples."""
+    loc = [r for r in counted(runs) if r["localisation_auroc"] is not None]
+    if not loc:
+        return [("No run has localisation scores (no heatmaps with witness annotations were logged), so the "
+                 "localisation and pointing-game columns are empty.")]
+    samples = [r["heatmap_samples"] for r in loc]
+    return [f"Localisation scores exist for {len(loc)} of {len(counted(runs))} runs, each the mean over "
+            f"{min(samples) if min(samples) == max(samples) else f'{min(samples)}–{max(samples)}'} "
+            f"sample(s) with witness cells"
+            + (" in the run's test split (slides the head did not train on)."
+               if all(r.get("localisation_on") == "test split" for r in loc)
+               else ", over every sample its heatmaps were scored on (some runs logged no test split, "
+                    "so training slides count there too).")]
+
+
+def _summary_tables(summary, setting_keys: Sequence[str]) -> list[str]:
+    """A table per setting: each head's mean [interval] of every metric and its costs."""
+    note = ("Every metric here lies in [0, 1]; an interval that reaches past that is shown cut at 0 or 1 "
+            "(`summary.tsv` keeps the t-interval as computed).")
+    lines = ["## Per setting (mean [95 % t-interval] over seeds)", "", note, ""]
+    header = ["head", "seeds"] + [label for _, label in INTERVAL_METRICS] + [label for _, label in COST_METRICS]
+    for setting in summary["setting"].unique():
+        part = summary[summary["setting"] == setting]
+        lines += [f"### {_row_setting(part.iloc[0], setting_keys)}", ""]
+        rows = []
+        for _, r in part.iterrows():
+            cells = [r["head"], f"{r['n_seeds']} ({r['seeds']})"]
+            cells += [interval_text(int(r[f"{m}_n"]), r[f"{m}_mean"], r[f"{m}_ci_low"], r[f"{m}_ci_high"], int(r["n_seeds"]),
+                                    bounds=METRIC_RANGE) for m, _ in INTERVAL_METRICS]
+            cells += [_cost(r[f"{c}_mean"]) for c, _ in COST_METRICS]
+            rows.append(cells)
+        lines += _md_table(header, rows) + [""]
+    return lines
+
+
+def _paired_tables(paired, baselines: Sequence[str], setting_keys: Sequence[str]) -> list[str]:
+    """A table per paired setting: each head's difference from the setting's baseline, with the verdict."""
+    if len(baselines) == 1:
+        lines = [f"## Paired against {baselines[0]} (difference head − {baselines[0]}, paired by seed)", ""]
+    else:
+        lines = ["## Paired against each setting's baseline (difference head − baseline, paired by seed)", ""]
+    if not len(paired):
+        if baselines:
+            return lines + [f"No head shares a setting with {_against(baselines)}.", ""]
+        return lines + ["No setting has exactly one head tagged as the baseline (see the notes above).", ""]
+    for setting in paired["setting"].unique():
+        part = paired[paired["setting"] == setting]
+        lines += [f"### {_row_setting(part.iloc[0], setting_keys)}", ""]
+        rows = [[r["head"], LABELS[r["metric"]], f"{r['n_pairs']} ({r['seeds'] or '–'})",
+                 _num(r["head_mean"]), _num(r["baseline_mean"]),
+                 interval_text(int(r["n_pairs"]), r["mean_diff"], r["ci_low"], r["ci_high"], signed=True), r["verdict"]]
+                for _, r in part.iterrows()]
+        lines += _md_table(["head", "metric", "seeds paired", "head mean", f"{part['baseline'].iloc[0]} mean",
+                            "difference [95 % CI]", "verdict"], rows) + [""]
+    return lines
+
+
+def _skipped_table(runs, setting_keys: Sequence[str]) -> list[str]:
+    skipped = [r for r in runs if r["skip_reason"] is not None]
+    lines = ["## Skipped runs", ""]
+    if skipped:
+        lines += _md_table(["run", "name", "head", "seed", "setting", "reason"],
+                           [[r["run_id"], r["run_name"], r["head"], r["seed"], setting_text(r["setting"], setting_keys),
+                             r["skip_reason"]] for r in skipped])
+    else:
+        lines.append("None: every child run finished and counts.")
+    return lines + [""]
+
+
+def write_markdown(path: Path, runs, summary, paired, setting_keys: Sequence[str], meta: Mapping[str, str],
+                   plots: Mapping[str, Path], baselines: Sequence[str] = (), notes: Sequence[str] = ()) -> Path:
+    """``report.md``: sources, notes and findings, the table per setting, the paired verdicts, skipped runs.
+
+    baselines: the heads the paired rows compare with (one per paired setting, each once, in head
+    order); notes: sentences put before the findings (``baseline_notes``).
+    """
+    lines = ["# Head comparison", ""]
+    lines += [f"- {k}: `{v}`" for k, v in meta.items()] + [""]
+    findings = (list(notes) + _seed_findings(runs, summary, setting_keys)
+                + _paired_findings(paired, baselines, setting_keys) + _localisation_findings(runs))
+    lines += ["## What the numbers show and do not show", ""] + [f"- {s}" for s in findings] + [""]
+    lines += _summary_tables(summary, setting_keys)
+    lines += _paired_tables(paired, baselines, setting_keys)
+    lines += _skipped_table(runs, setting_keys)
+    if plots:
+        lines += ["## Figures", ""] + [f"![{name}]({p.name})" for name, p in plots.items()] + [""]
+    atomic_write_text(path, "\n".join(lines))
+    return path

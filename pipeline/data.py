@@ -144,7 +144,7 @@ def build_tile_table(
     table = TileTable(
         [str(r.path) for r in kept], [r.sample_id for r in kept],
         np.concatenate([np.full(m, k, np.int64) for k, m in enumerate(n)]),
-        np.concatenate([np.arange(m, dtype=np.int64) for m in n]),
+        np.concatenate([r.start + np.arange(m, dtype=np.int64) for r, m in zip(kept, n)]),
         np.concatenate([np.where(r.labels >= 0, r.labels, r.label_index) for r in kept]).astype(np.int64),
         np.concatenate([np.full(m, r.label_index, np.int64) for r, m in zip(kept, n)]),
         np.concatenate([r.coords for r in kept]), *first.kind, mpp, classes, [r.attrs for r in kept],
@@ -161,6 +161,7 @@ class _StoreTiles:
     sample_id: str
     path: Path
     attrs: object  # TileStoreAttrs
+    start: int  # the sample's first row in the store's tiles (a batch store holds several samples)
     kind: tuple  # (channels, tile size, dtype, modality)
     label_index: int
     labels: np.ndarray  # (n,) int64 annotation labels, −1 unknown
@@ -169,24 +170,22 @@ class _StoreTiles:
 
 def _read_store(sample: Sample, path: Path, classes: list[str]) -> _StoreTiles | None:
     """The small arrays of one sample's store (opened and checked first); None for a store without tiles."""
-    from pipeline.store import open_store, store_attrs
+    from pipeline.store import open_sample
 
     if sample.label not in classes:
         raise GaplessError(None, f"sample {sample.sample_id}: label {sample.label!r} is not one of the classes {classes}",
                            "add it to config `classes` or fix the sample sheet")
-    root = open_store(path)  # checks the store holds every file it was written with, before any reading
-    attrs = store_attrs(root, path)
-    tiles = root["tiles"]  # opening an array reads its metadata: once
-    n = int(tiles.shape[0])
-    if n == 0:
+    view = open_sample(path, sample.sample_id)  # checks the store holds every file it was written with
+    attrs, tiles = view.attrs, view.tiles  # opening an array reads its metadata: once
+    if view.n == 0:
         log.warning("%s: no tiles (%s); sample %s is left out", path, attrs.qc_flag or "empty store", sample.sample_id)
         return None
-    labels = np.asarray(root["labels"][:], dtype=np.int64)
+    labels = np.asarray(view.labels(), dtype=np.int64)
     if labels.size and labels.max() >= len(classes):
         raise GaplessError(path, f"tile label {labels.max()} but only {len(classes)} classes", "check config `classes`")
     kind = (int(tiles.shape[3]), int(tiles.shape[1]), np.dtype(tiles.dtype), str(attrs.modality))
-    return _StoreTiles(sample.sample_id, path, attrs, kind, classes.index(sample.label), labels,
-                       np.asarray(root["coords"][:], dtype=np.int64).reshape(n, 2))
+    return _StoreTiles(sample.sample_id, path, attrs, view.start, kind, classes.index(sample.label), labels,
+                       view.coords())
 
 
 def _describe(channels, tile_size, dtype, modality) -> str:
@@ -359,9 +358,11 @@ def data_fingerprint(sample_sheet_path: str | Path | None, stores: Sequence[str 
     if sample_sheet_path is not None:
         digest.update(b"sheet\0")
         digest.update(Path(sample_sheet_path).read_bytes())
-    for path in sorted((Path(s) for s in stores), key=lambda p: (p.name, str(p))):
+    for path in sorted({Path(s) for s in stores}, key=lambda p: (p.name, str(p))):  # a batch store once
         root = open_store(path)
         attrs = {k: v for k, v in dict(root.attrs).items() if k not in _VOLATILE_ATTRS}
+        if "samples" in attrs:  # a batch store: each sample's attrs, without their volatile ones either
+            attrs["samples"] = [{k: v for k, v in e.items() if k not in _VOLATILE_ATTRS} for e in attrs["samples"]]
         digest.update(b"store\0" + path.name.encode() + b"\0")
         digest.update(json.dumps(attrs, sort_keys=True, default=str).encode())
         for name in ("coords", "labels"):

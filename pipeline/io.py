@@ -391,7 +391,8 @@ def _open_tiff(path: Path) -> ArraySource:
     if pixels.shape[2] == 4 and pixels.dtype == np.uint8 and not names:
         pixels = composite_on_white(pixels)
     names = names if len(names) == pixels.shape[2] else _default_channel_names(pixels)
-    return ArraySource(path, np.ascontiguousarray(pixels), fmt, names, mpp, note)
+    # a planar (C, Y, X) image stays as read, seen as Y×X×C: each region read copies only itself
+    return ArraySource(path, pixels, fmt, names, mpp, note)
 
 
 def _to_yxc(path: Path, data: np.ndarray, axes: str) -> np.ndarray:

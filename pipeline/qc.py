@@ -9,7 +9,7 @@ from typing import Iterable
 import numpy as np
 
 from pipeline.files import atomic_write
-from pipeline.store import open_store, store_attrs
+from pipeline.store import BATCH_SCHEMA, SampleTiles, open_sample, open_store
 
 QC_COLUMNS = (
     "sample", "format", "kind", "modality", "level", "downsample", "mpp", "source_mpp", "mpp_source",
@@ -17,17 +17,24 @@ QC_COLUMNS = (
 )
 
 
-def sample_name(store: str | Path) -> str:
-    name = Path(store).name
-    return name[: -len(".zarr")] if name.endswith(".zarr") else name
+def qc_rows(path: str | Path) -> list[dict]:
+    """The QC rows of a tile store (one; a batch store: one per sample) or of a batch manifest's store."""
+    import json
+
+    path = Path(path)
+    if path.suffix == ".json":  # a batch manifest: its store is beside it
+        path = path.parent / json.loads(path.read_text(encoding="utf-8"))["store"]
+    root = open_store(path)
+    if root.attrs.get("schema") == BATCH_SCHEMA:
+        return [qc_row(open_sample(path, entry["sample_id"])) for entry in root.attrs["samples"]]
+    return [qc_row(open_sample(path))]
 
 
-def qc_row(store: str | Path) -> dict:
-    root = open_store(store)
-    a = store_attrs(root, store)
-    tissue = root["tissue"][:]
+def qc_row(view: SampleTiles) -> dict:
+    a = view.attrs
+    tissue = view.tissue()
     return {
-        "sample": sample_name(store),
+        "sample": view.sample_id,
         "format": a.format,
         "kind": a.kind,
         "modality": a.modality,
@@ -47,8 +54,9 @@ def qc_row(store: str | Path) -> dict:
 
 
 def write_qc_table(stores: Iterable[str | Path], out: str | Path) -> list[dict]:
-    """Write ``out`` (TSV, one row per store, sorted by sample) atomically; return the rows."""
-    rows = sorted((qc_row(s) for s in stores), key=lambda r: r["sample"])
+    """Write ``out`` (TSV, one row per sample of the stores or batch manifests given, sorted by sample)
+    atomically; return the rows."""
+    rows = sorted((row for s in stores for row in qc_rows(s)), key=lambda r: r["sample"])
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as fh:

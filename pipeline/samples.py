@@ -46,7 +46,7 @@ def check_sample_id(sample_id: str) -> str | None:
 
     The rule: 1 to 100 characters, letters, digits, '.', '_' and '-' only, starting with a letter or
     a digit, not ending in '.' or in '.partial' (gapless's name for an output being written), and not
-    a name Windows reserves (CON, NUL, COM1, ...). Uniqueness regardless of case is checked by the
+    a name Windows reserves (CON, NUL, COM1, ...), nor ``index`` (the viewer's index page). Uniqueness regardless of case is checked by the
     sheet reader, which sees every id.
     """
     if not sample_id:
@@ -62,6 +62,8 @@ def check_sample_id(sample_id: str) -> str | None:
         return f"sample_id {sample_id!r} ends with '.', which some filesystems drop: end it with a letter, digit, '_' or '-'"
     if sample_id.lower().endswith(".partial"):
         return f"sample_id {sample_id!r} ends with '.partial', the name gapless gives an output while it is written: rename it"
+    if sample_id.lower() == "index":
+        return "sample_id 'index' is the name of the viewer's index page (results/heatmaps/index.html): rename it"
     if sample_id.split(".")[0].lower() in _RESERVED_NAMES:
         return f"sample_id {sample_id!r} is a device name on Windows ({sample_id.split('.')[0].upper()}): rename it"
     return None

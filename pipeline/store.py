@@ -2,10 +2,11 @@
 written (codecs, integrity record) and read back (``open_store``, checked; ``read_tiles``).
 
 A store is one zarr v3 group per sample: ``tiles`` (N, T, T, C) in the source dtype, one tile per
-chunk, many tiles per shard, Blosc-LZ4 and a CRC32C checksum per tile; ``coords`` (N, 2) int64
-top-left (x, y) in level-0 px; ``tissue`` (N,) float32; ``labels`` (N,) int8 (−1 unknown);
-``thumbnail`` (h, w, 3) uint8; ``tissue_mask`` (h', w') uint8; and attrs (:class:`TileStoreAttrs`)
-describing the geometry, so every tile can be found again on the source, and ``integrity``.
+chunk, many tiles per shard, JPEG (8-bit RGB brightfield) or Blosc-LZ4 (:mod:`pipeline.codecs`) and a
+CRC32C checksum per tile; ``coords`` (N, 2) int64 top-left (x, y) in level-0 px; ``tissue`` (N,)
+float32; ``labels`` (N,) int8 (−1 unknown); ``thumbnail`` (h, w, 3) uint8; ``tissue_mask`` (h', w') uint8;
+and attrs (:class:`TileStoreAttrs`) describing the geometry, so every tile can be found again on the
+source, the tiles' codec (``tile_codec``) and ``integrity``.
 
 Integrity. A store records, when it is written, every data file it holds and its size (attr
 ``integrity``); opening a store checks that record (one stat per file, no reading), so a deleted or
@@ -28,6 +29,7 @@ import numpy as np
 from pipeline.errors import GaplessError
 
 SCHEMA = "gapless.tiles/1"
+BATCH_SCHEMA = "gapless.tilebatch/1"  # many cell images in one store (``pipeline.tiling.batch``)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class TileStoreAttrs:
     seconds: float = 0.0
     tool_version: str = ""
     integrity: dict = field(default_factory=dict)  # see integrity_record
+    tile_codec: dict = field(default_factory=lambda: {"name": "blosc-lz4", "lossless": True})  # pipeline.codecs
     schema: str = SCHEMA
 
     def to_attrs(self) -> dict:
@@ -98,13 +101,13 @@ def _required(f) -> bool:
     return f.default is MISSING and f.default_factory is MISSING
 
 
-def tile_codecs(dtype: np.dtype) -> list:
-    """Blosc-LZ4: lossless, and several times faster to write and read back than zstd for tiles; then a
-    CRC32C checksum of each compressed tile, so every read verifies it and a changed byte is an error
-    instead of a wrong tile (4 bytes a tile; both zarrs and zarr's default pipeline compute it in C)."""
-    from zarr.codecs import BloscCodec, Crc32cCodec
+def tile_codecs(dtype: np.dtype, codec: dict | None = None) -> dict:
+    """The tiles array's ``create_array`` keywords (``serializer``, ``compressors``) for ``codec`` (the attrs'
+    ``tile_codec``; None: lossless): JPEG or Blosc-LZ4, then a CRC32C checksum of each encoded tile, so every
+    read verifies it and a changed byte is an error instead of a wrong tile. See :mod:`pipeline.codecs`."""
+    from pipeline.codecs import tile_array_codecs
 
-    return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle" if dtype.itemsize > 1 else "noshuffle"), Crc32cCodec()]
+    return tile_array_codecs(dtype, codec)
 
 
 def small_codecs() -> list:
@@ -269,6 +272,8 @@ def open_store(path: str | Path, check: bool = True):
     (``check_integrity``; ``check=False`` skips that, for tests of damage). A clear error otherwise."""
     import zarr
 
+    import pipeline.codecs  # noqa: F401  (registers the tile codecs, e.g. JPEG, with zarr)
+
     path = Path(path)
     if not path.exists():
         raise GaplessError(path, "no such tile store", "run `gapless tile` first")
@@ -276,24 +281,172 @@ def open_store(path: str | Path, check: bool = True):
         root = zarr.open_group(path, mode="r")
     except Exception as exc:
         raise GaplessError(path, f"not a zarr store ({exc.__class__.__name__})", "pass a store written by `gapless tile`") from None
-    TileStoreAttrs.from_attrs(root.attrs, path)  # the schema, and every attribute a reader relies on
+    if root.attrs.get("schema") == BATCH_SCHEMA:
+        batch_samples(root, path)  # every sample's attributes
+    else:
+        TileStoreAttrs.from_attrs(root.attrs, path)  # the schema, and every attribute a reader relies on
     if check:
         check_integrity(path, root.attrs)
     return root
 
 
-def store_info(path: str | Path, verify: bool = False) -> dict:
+def store_info(path: str | Path, verify: bool = False, sample_id: str | None = None) -> dict:
     """The store's attrs plus N and the array shapes, as ``gapless info`` prints them; ``integrity`` is
-    the check's summary (with ``verify``: every tile decoded), not the recorded file list."""
+    the check's summary (with ``verify``: every tile decoded), not the recorded file list. For a batch
+    store, ``sample_id`` shows that sample's attributes (and its N); without it the samples are listed
+    by id, each with its number of tiles and QC flag."""
     root = open_store(path)
     info = dict(root.attrs)
+    if root.attrs.get("schema") == BATCH_SCHEMA:
+        info["samples"] = [{"sample_id": e["sample_id"], "n_tiles": e["n_tiles"], "qc_flag": e.get("qc_flag")}
+                           for e in root.attrs["samples"]]
+    n = int(root["tiles"].shape[0])
+    if root.attrs.get("schema") == BATCH_SCHEMA and sample_id is not None:
+        view = open_sample(path, sample_id)
+        info = {**view.attrs.to_attrs(), "sample_id": sample_id, "batch_store": True, "start": view.start}
+        n = view.n
+    elif sample_id is not None and sample_id != Path(path).name.removesuffix(".zarr"):
+        raise GaplessError(path, f"holds one sample; --sample {sample_id!r} is not its name", "leave --sample out")
     info["integrity"] = verify_store(path) if verify else check_integrity(path, root.attrs)
-    info["n"] = int(root["tiles"].shape[0])
+    info["n"] = n
     info["arrays"] = {name: {"shape": list(arr.shape), "dtype": str(arr.dtype)} for name, arr in root.arrays()}
     info["path"] = str(Path(path))
     return info
 
 
 def store_attrs(root, path: str | Path | None = None) -> TileStoreAttrs:
-    """The typed attributes of an opened store (:func:`open_store`)."""
+    """The typed attributes of an opened single-sample store (:func:`open_store`)."""
     return TileStoreAttrs.from_attrs(root.attrs, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# One sample's tiles, in a store of its own or in a batch store. A batch store (schema
+# gapless.tilebatch/1) holds many cell images, tiled by one job: ``tiles``, ``coords``, ``tissue`` and
+# ``labels`` hold every sample's rows, sample after sample; ``thumbnail`` (S, h, w, 3) and
+# ``tissue_mask`` (S, h', w') one picture per sample, padded to the largest (each sample's own shape is
+# in its attributes); attr ``samples`` lists each sample's ``TileStoreAttrs`` with ``sample_id``,
+# ``start`` (its first row), ``thumbnail_shape`` and ``tissue_mask_shape``. A manifest beside it
+# (``<batch>.json``) names the store and its samples, so a sample's store is found by its id.
+
+
+def batch_samples(root, path: str | Path | None = None) -> list[tuple[dict, TileStoreAttrs]]:
+    """Each sample entry of a batch store with its typed attributes."""
+    entries = root.attrs.get("samples")
+    if not isinstance(entries, list):
+        raise GaplessError(path, "a batch tile store without its list of samples", RETILE_FIX)
+    return [(e, TileStoreAttrs.from_attrs({**e, "schema": SCHEMA}, path)) for e in entries]
+
+
+@dataclass
+class SampleTiles:
+    """One sample's tiles: rows ``start`` to ``start + n`` of the store at ``path`` (all of a store of
+    its own; its slice of a batch store). ``index``: its position in a batch store, else None."""
+
+    path: Path
+    sample_id: str
+    attrs: TileStoreAttrs
+    root: object  # the zarr group
+    start: int
+    n: int
+    index: int | None = None
+    shapes: dict = field(default_factory=dict)  # thumbnail / tissue_mask shapes in a batch store
+
+    @property
+    def tiles(self):
+        """The store's whole ``tiles`` array (rows of other samples too: use ``start``, or ``read``)."""
+        if "_tiles" not in self.__dict__:
+            self.__dict__["_tiles"] = self.root["tiles"]
+        return self.__dict__["_tiles"]
+
+    def read(self, i: int, j: int) -> np.ndarray:
+        """The sample's tiles ``i`` to ``j`` (its own numbering), one line naming the store if one is damaged."""
+        return read_tiles(self.tiles, self.start + i, self.start + min(j, self.n), self.path)
+
+    def _rows(self, name: str) -> np.ndarray:
+        return np.asarray(self.root[name][self.start : self.start + self.n])
+
+    def coords(self) -> np.ndarray:
+        return self._rows("coords").astype(np.int64).reshape(self.n, 2)
+
+    def labels(self) -> np.ndarray:
+        return self._rows("labels")
+
+    def tissue(self) -> np.ndarray:
+        return self._rows("tissue")
+
+    def _picture(self, name: str) -> np.ndarray | None:
+        array = self.root.get(name)
+        if array is None:
+            return None
+        if self.index is None:
+            return array[:]
+        h, w = self.shapes[name][:2]
+        return array[self.index, :h, :w]
+
+    def thumbnail(self) -> np.ndarray | None:
+        return self._picture("thumbnail")
+
+    def tissue_mask(self) -> np.ndarray | None:
+        return self._picture("tissue_mask")
+
+
+def open_sample(path: str | Path, sample_id: str | None = None, check: bool = True) -> SampleTiles:
+    """The tiles of ``sample_id`` in the store at ``path`` (checked as :func:`open_store` checks it);
+    a store of one sample needs no id."""
+    path = Path(path)
+    root = open_store(path, check)
+    if root.attrs.get("schema") != BATCH_SCHEMA:
+        n = int(root["tiles"].shape[0])
+        name = sample_id or path.name.removesuffix(".zarr")
+        return SampleTiles(path, name, store_attrs(root, path), root, 0, n)
+    entries = batch_samples(root, path)
+    if sample_id is None and len(entries) == 1:
+        sample_id = entries[0][0]["sample_id"]
+    for index, (entry, attrs) in enumerate(entries):
+        if entry["sample_id"] == sample_id:
+            shapes = {"thumbnail": entry.get("thumbnail_shape"), "tissue_mask": entry.get("tissue_mask_shape")}
+            return SampleTiles(path, sample_id, attrs, root, int(entry["start"]), int(attrs.n_tiles), index, shapes)
+    raise GaplessError(path, f"the batch store holds no sample {sample_id!r} ({len(entries)} samples)",
+                       "name a sample of this store (gapless info lists them)")
+
+
+MANIFEST_SCHEMA = "gapless.tilebatch-manifest/1"
+
+
+def write_manifest(path: str | Path, store: str | Path, sample_ids: Sequence[str]) -> Path:
+    """The JSON beside a batch store naming it and its samples (written last: the batch is complete)."""
+    import json
+
+    from pipeline.files import atomic_write_text
+
+    doc = {"schema": MANIFEST_SCHEMA, "store": Path(store).name, "samples": list(sample_ids)}
+    return atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
+
+
+def sample_stores(tiles_dir: str | Path) -> dict[str, Path]:
+    """sample id → store, for every store in ``tiles_dir``: ``{id}.zarr`` of a sample of its own, and
+    the samples of each batch (``batches/*.json`` manifests)."""
+    import json
+
+    tiles_dir = Path(tiles_dir)
+    found: dict[str, Path] = {}
+    for manifest in sorted((tiles_dir / "batches").glob("*.json")):
+        try:
+            doc = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise GaplessError(manifest, "not a readable batch manifest", RETILE_FIX) from None
+        if not isinstance(doc, dict) or doc.get("schema") != MANIFEST_SCHEMA:
+            raise GaplessError(manifest, f"not a batch manifest (schema {doc.get('schema') if isinstance(doc, dict) else None!r})",
+                               RETILE_FIX)
+        for sample_id in doc["samples"]:
+            found[sample_id] = manifest.parent / doc["store"]
+    return found
+
+
+def find_sample_store(tiles_dir: str | Path, sample_id: str, index: dict[str, Path] | None = None) -> Path | None:
+    """The store holding ``sample_id`` under ``tiles_dir`` (its own ``{id}.zarr``, else a batch's), or None."""
+    own = Path(tiles_dir) / f"{sample_id}.zarr"
+    if own.is_dir():
+        return own
+    index = sample_stores(tiles_dir) if index is None else index
+    return index.get(sample_id)

@@ -343,16 +343,19 @@ def train_cohort(sheet, tiles_dir, classes, settings: "TrainSettings", out_dir, 
     """
     from pipeline.models import get_head_class
     from pipeline.samples import load_sample_sheet, with_kinds
+    from pipeline.store import find_sample_store, sample_stores
 
     get_head_class(settings.head)  # an unknown head fails before any data is read
     samples = with_kinds(load_sample_sheet(sheet, classes), sheet)
-    stores = {}
+    stores, index = {}, sample_stores(tiles_dir)
     for s in samples:
         if s.kind != settings.kind:
             continue
-        store = Path(tiles_dir) / f"{s.sample_id}.zarr"
-        if not store.is_dir():
-            raise GaplessError(store, f"no tile store for sample {s.sample_id}", f"tile it first: gapless tile {s.path} --out {store}")
+        store = find_sample_store(tiles_dir, s.sample_id, index)
+        if store is None:
+            own = Path(tiles_dir) / f"{s.sample_id}.zarr"
+            raise GaplessError(own, f"no tile store for sample {s.sample_id} (nor a batch store listing it)",
+                               f"tile it first: gapless tile {s.path} --out {own}")
         stores[s.sample_id] = store
     return train(samples, stores, classes, settings, out_dir, uri, experiment_id, parent_run_id,
                  sheet_path=sheet, progress=progress, config=config, connect=connect)

@@ -203,8 +203,13 @@ def test_normalisation_equals_the_pixel_statistics(request, table_name):
     pixels = np.concatenate([
         zarr.open_group(s, mode="r")["tiles"][:, ::8, ::8].reshape(-1, table.channels) for s in table.stores
     ]).astype(np.float64)  # the stores' statistics come from every 8th pixel
-    np.testing.assert_allclose(mean, pixels.mean(0), rtol=1e-4)
-    np.testing.assert_allclose(std, pixels.std(0), rtol=1e-3)
+    if all(a.tile_codec["lossless"] for a in table.store_attrs):
+        np.testing.assert_allclose(mean, pixels.mean(0), rtol=1e-4)
+        np.testing.assert_allclose(std, pixels.std(0), rtol=1e-3)
+    else:  # JPEG slides: the statistics are of the pixels before compression, which JPEG keeps within a tenth
+        assert table_name == "slide_table"  # of a grey level on average, and smooths a little (4:2:0 chroma)
+        np.testing.assert_allclose(mean, pixels.mean(0), atol=0.1)
+        np.testing.assert_allclose(std, pixels.std(0), rtol=0.02)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,9 +24,9 @@ SCHEMA = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "schem
 # Keys of a config section that only the workflow reads: which jobs to make, and their resources.
 WORKFLOW_ONLY = {
     "demo": {"out"},  # where the rule writes the dataset (gapless demo --out)
-    "tiling": set(),
+    "tiling": {"batch"},  # cell images per tile_batch job
     "train": {"kinds", "heads", "seeds"},  # the jobs: one per cohort × head × seed
-    "heatmaps": {"seed", "threads"},  # the viewer's seed; the rule's threads (gapless heatmap --threads)
+    "heatmaps": {"seed", "threads", "pages", "max_pages"},  # the viewer's seed and pages; the rule's threads
 }
 # Settings that each job gets from elsewhere than its config section (wildcards, the sample sheet), or
 # that only library callers set.

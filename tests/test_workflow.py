@@ -60,7 +60,8 @@ def job_counts(dry_run_output: str) -> dict[str, int]:
     return counts
 
 
-SETTINGS = {"demo": DemoSettings, "tile": TileSettings, "train": TrainSettings, "heatmap": HeatmapSettings}
+SETTINGS = {"demo": DemoSettings, "tile": TileSettings, "tile-batch": TileSettings, "train": TrainSettings,
+            "heatmap": HeatmapSettings}
 
 
 def commands(shell: str, command: str) -> list[tuple[str, object]]:
@@ -112,22 +113,24 @@ def test_default_config_dry_run_plans_demo_tiles_and_qc(tmp_path: Path) -> None:
     assert result.returncode == 0, output(result)
     default = yaml.safe_load(DEFAULT_CONFIG.read_text())
     demo, train = default["demo"], default["train"]
-    runs = len(train["kinds"]) * len(train["heads"]) * len(train["seeds"])
-    samples = demo["slides"] + demo["images"]
+    runs = len(train["kinds"]) * len(train["heads"]) * len(train["seeds"])  # one heatmap job per model, too
+    batches = -(-demo["images"] // default["tiling"]["batch"])  # cell images are tiled many per job
     mapped = (demo["slides"] if "slide" in train["kinds"] else 0) + (demo["images"] if "image" in train["kinds"] else 0)
     assert job_counts(result.stdout) == {
         "all": 1,
         "demo": 1,
         "mlflow_setup": 1,
-        "tile": samples,
+        "tile": demo["slides"],
+        "tile_batch": batches,
         "tiles_qc": 1,
         "train": runs,
-        "heatmap": mapped * len(train["heads"]),
+        "heatmap": runs,
         "slide_pyramid": mapped,
         "sample_page": mapped,
+        "qupath": mapped,
         "heatmap_index": 1,
         "compare": 1,
-        "total": samples + mapped * (2 + len(train["heads"])) + runs + 6,
+        "total": demo["slides"] + batches + 2 * runs + 3 * mapped + 6,
     }
     assert not (tmp_path / "results").exists()  # a dry run makes nothing
 
@@ -148,9 +151,10 @@ def test_sample_sheet_config_lints_clean_and_plans_no_demo(sheet_workdir: Path) 
     assert result.returncode == 0, output(result)
     runs = 1 * 5 * 2  # kinds × heads × seeds of the default config: slides only
     slides = 4
-    assert job_counts(result.stdout) == {"all": 1, "mlflow_setup": 1, "tile": 5, "tiles_qc": 1, "train": runs,
-                                         "heatmap": slides * 5, "slide_pyramid": slides, "sample_page": slides,
-                                         "heatmap_index": 1, "compare": 1, "total": runs + 18 + slides * 5}
+    assert job_counts(result.stdout) == {"all": 1, "mlflow_setup": 1, "tile": slides, "tile_batch": 1, "tiles_qc": 1,
+                                         "train": runs, "heatmap": runs, "slide_pyramid": slides, "sample_page": slides,
+                                         "qupath": slides, "heatmap_index": 1, "compare": 1,
+                                         "total": 2 * runs + 3 * slides + 10}
     shell = result.stdout
     # per-kind grids from the config defaults (the schema's, equal to TileSettings'), the sheet's mpp and
     # annotations as flags
@@ -159,10 +163,13 @@ def test_sample_sheet_config_lints_clean_and_plans_no_demo(sheet_workdir: Path) 
     assert (tiles["out/tiles/a.zarr"].mpp, tiles["out/tiles/a.zarr"].tile_size, tiles["out/tiles/a.zarr"].min_tissue) == (0.5, 224, 0.25)
     assert f"--slide-mpp 0.25 --annotations {sheet_workdir / 'data' / 'a.geojson'}" in shell
     assert tiles["out/tiles/a.zarr"].slide_mpp == 0.25 and tiles["out/tiles/a.zarr"].annotations == str(sheet_workdir / "data" / "a.geojson")
-    assert "--out out/tiles/b.zarr --kind image --settings " in shell
-    assert (tiles["out/tiles/b.zarr"].mpp, tiles["out/tiles/b.zarr"].min_tissue) == (0.5, 0.1)
-    assert "gapless qc out/tiles/a.zarr out/tiles/b.zarr out/tiles/c.zarr out/tiles/d.zarr out/tiles/e.zarr --out out/tiles/qc.tsv" in shell
-    assert len(tiles) == 5 and not any(settings.allow_empty for settings in tiles.values())
+    # the cell image is tiled by a batch job, with the image grid
+    (batch_text, batch), = commands(shell, "tile-batch")
+    assert "--ids b --out out/tiles/batches/image-00001.zarr --manifest out/tiles/batches/image-00001.json" in batch_text
+    assert (batch.mpp, batch.min_tissue) == (0.5, 0.1)
+    assert ("gapless qc out/tiles/a.zarr out/tiles/batches/image-00001.json out/tiles/c.zarr out/tiles/d.zarr"
+            " out/tiles/e.zarr --out out/tiles/qc.tsv") in shell
+    assert len(tiles) == 4 and not any(settings.allow_empty for settings in [*tiles.values(), batch])
     # a training job per kind × head × seed, on the stores of its kind, logged under one comparison
     assert "gapless mlflow-setup --experiment gapless --results out" in shell
     assert ("gapless train --samples data/samples.csv --tiles out/tiles --out out/models/slide/saol/seed1"
@@ -184,8 +191,8 @@ def test_tiling_options_reach_the_command(sheet_workdir: Path) -> None:
     )
     result = snakemake(sheet_workdir, "--configfile", str(config), "-n", "-p", "--cores", "2")
     assert result.returncode == 0, output(result)
-    tiles = [settings for _, settings in commands(result.stdout, "tile")]
-    assert len(tiles) == 5
+    tiles = [settings for command in ("tile", "tile-batch") for _, settings in commands(result.stdout, command)]
+    assert len(tiles) == 5  # four slides, and the cell image's batch
     assert all(s.tissue == "none" for s in tiles)
     assert all(s.positive_classes == ("Tumor", "DCIS") and s.allow_empty for s in tiles)
 
@@ -255,9 +262,17 @@ def test_real_run_demo_tile_qc_train_heatmaps(tmp_path: Path) -> None:
     with open(tmp_path / "demo" / "samples.csv", newline="") as f:
         demo_samples = {row["sample_id"]: row for row in csv.DictReader(f)}
     assert len(demo_samples) == TINY_DEMO["slides"] + TINY_DEMO["images"]
-    for sample_id in demo_samples:
-        assert (results / "tiles" / f"{sample_id}.zarr" / "zarr.json").is_file(), sample_id
-        assert (results / "logs" / "tile" / f"{sample_id}.log").is_file()
+    from pipeline.store import find_sample_store, open_sample
+
+    for sample_id, row in demo_samples.items():
+        store = find_sample_store(results / "tiles", sample_id)  # a slide's own store, a field's batch store
+        assert open_sample(store, sample_id).n > 0, sample_id
+        if row["kind"] == "slide":
+            assert store == results / "tiles" / f"{sample_id}.zarr"
+            assert (results / "logs" / "tile" / f"{sample_id}.log").is_file()
+        else:
+            assert store.parent == results / "tiles" / "batches" and store.name == "image-00001.zarr"
+    assert (results / "logs" / "tile_batch" / "image-00001.log").is_file()
 
     with open(results / "tiles" / "qc.tsv", newline="") as f:
         qc = {row["sample"]: row for row in csv.DictReader(f, delimiter="\t")}
@@ -305,10 +320,15 @@ def test_real_run_demo_tile_qc_train_heatmaps(tmp_path: Path) -> None:
                 assert 0 <= info["scores"]["localisation_auroc"] <= 1
                 assert run.data.metrics[f"heatmap/{sample_id}/localisation_auroc"] == pytest.approx(
                     info["scores"]["localisation_auroc"])
+    for sample_id in slides:  # every paged sample's tiles, a measurement per head, for QuPath
+        features = json.loads((heatmaps / "qupath" / f"{sample_id}.geojson").read_text())["features"]
+        assert features and set(features[0]["properties"]["measurements"]) <= {"gap", "saol"}
     index = (heatmaps / "index.html").read_text()
+    data = json.loads(index.split('<script type="application/json" id="gapless-index">', 1)[1].split("</script>", 1)[0])
+    linked = {data["samples"][row]: url for row, url, _ in data["pages"]}
+    assert data["samples"] == slides and linked == {s: f"{s}.html" for s in slides}
     for sample_id in demo_samples:
         assert (heatmaps / f"{sample_id}.html").is_file() == (sample_id in slides)
-        assert (f'href="{sample_id}.html"' in index) == (sample_id in slides)
 
     # the report, read from MLflow: one row per head (one seed: no interval), logged to the comparison run
     summary = (results / "report" / "summary.tsv").read_text().splitlines()
@@ -334,7 +354,7 @@ def test_a_sweep_plans_one_dataset_and_cohort_per_entry(tmp_path: Path) -> None:
     assert result.returncode == 0, output(result)
     counts = job_counts(result.stdout)
     assert counts["demo_w20"] == counts["demo_w01"] == 1 and "demo" not in counts
-    assert counts["tile"] == 8 + 4 and counts["train"] == 2 * 2 * 2 and counts["heatmap"] == (8 + 4) * 2
+    assert counts["tile"] == 8 + 4 and counts["train"] == 2 * 2 * 2 and counts["heatmap"] == 2 * 2 * 2  # one per model
     shell = result.stdout
     demos = {text.split("--id-prefix ")[1]: settings for text, settings in commands(shell, "demo")}
     assert (demos["w01-"].witness_fraction, demos["w01-"].lesions, demos["w01-"].seed, demos["w01-"].slides) == (0.01, 2, 0, 4)

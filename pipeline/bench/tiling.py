@@ -46,12 +46,36 @@ def bare_read(path: Path, kind: str | None, coords: np.ndarray, level: int, read
         return time.perf_counter() - t0
 
 
-def bench_tiling(slide, mpp=0.5, tile_size=224, stride=None, slide_mpp=None, kind=None, workers=None, repeat=1) -> list[dict]:
+def _file_bytes(path: Path) -> int:
+    """The source's bytes: the file, or every file of a slide that is a folder (DICOM)."""
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _level_bytes(path: Path, dimensions: tuple[int, int]) -> int | None:
+    """The compressed bytes of the TIFF pyramid level of ``dimensions`` (width, height); None if not a TIFF."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            for level in tif.series[0].levels:
+                page = level.keyframe
+                if (page.imagewidth, page.imagelength) == tuple(dimensions):
+                    return int(sum(sum(p.databytecounts) for p in level.pages))
+    except Exception:  # not a TIFF, or one tifffile reads otherwise: the file's bytes stand alone
+        return None
+    return None
+
+
+def bench_tiling(slide, mpp=0.5, tile_size=224, stride=None, slide_mpp=None, kind=None, workers=None, repeat=1,
+                 codec="jpeg", quality=90) -> list[dict]:
     """Tiles/s of ``gapless tile`` and of a bare read loop over the same grid, at 1 and N workers.
 
     The tiler runs with ``--min-tissue 0`` so both loops cover exactly the same tiles; the tiler's
     time includes the overview and tissue mask, starting its processes, resizing, statistics,
-    compression and writing. The size of the store it wrote is printed too.
+    compression and writing. The size of the store it wrote is printed too, and its ratio to the
+    source's bytes over the same tiles: the file's bytes times the fraction of its level-0 area the
+    grid covers (the file holds every pyramid level; the compressed bytes of the level read are
+    printed too, for TIFF-based slides).
     """
     slide = Path(slide)
     with open_source(slide, kind) as source:
@@ -59,6 +83,10 @@ def bench_tiling(slide, mpp=0.5, tile_size=224, stride=None, slide_mpp=None, kin
         grid = plan_grid(source, source_mpp, mpp, tile_size, stride)
         kind = source.kind
         fmt = source.format
+        (W, H), read_dims = source.dimensions, source.level_dimensions[grid.level]
+    covered = min(1.0, ((grid.columns - 1) * grid.step + grid.extent) * ((grid.rows - 1) * grid.step + grid.extent) / (W * H))
+    source_bytes = _file_bytes(slide) * covered
+    level_bytes = _level_bytes(slide, read_dims) if slide.is_file() else None
     coords = grid.coords()
     n = len(coords)
     counts = sorted({1, effective_workers(workers or (os.cpu_count() or 1), n)})
@@ -66,11 +94,17 @@ def bench_tiling(slide, mpp=0.5, tile_size=224, stride=None, slide_mpp=None, kin
         f"bench tiling: {slide.name} ({fmt}), {n} tiles of {tile_size} px at {grid.tile_mpp:.3g} µm/px "
         f"from level {grid.level} (read {grid.read_size} px), cores {os.cpu_count()}"
     )
+    level = f"; level {grid.level}'s own tiles {level_bytes * covered / 2**20:.1f} MiB" if level_bytes else ""
+    print(f"source: {_file_bytes(slide) / 2**20:.1f} MiB, the grid covers {covered:.1%} of level 0: "
+          f"{source_bytes / 2**20:.1f} MiB over the same tiles{level}; tiles stored as {codec}"
+          f"{f' {quality}' if codec == 'jpeg' else ''}")
     if workers and counts[-1] < workers:
         print(f"({n} tiles: {counts[-1]} worker(s) at most, one per {MIN_TILES_PER_WORKER} tiles and core)")
-    print(f"{'workers':>7} {'bare tiles/s':>13} {'tiler tiles/s':>14} {'tiler/bare':>10} {'tiler speed-up':>15} {'store MiB':>10}")
+    print(f"{'workers':>7} {'bare tiles/s':>13} {'tiler tiles/s':>14} {'tiler/bare':>10} {'tiler speed-up':>15} "
+          f"{'store MiB':>10} {'/ source':>9}")
     rows = []
-    settings = TileSettings(mpp=mpp, tile_size=tile_size, stride=stride, min_tissue=0.0, slide_mpp=slide_mpp, kind=kind)
+    settings = TileSettings(mpp=mpp, tile_size=tile_size, stride=stride, min_tissue=0.0, slide_mpp=slide_mpp, kind=kind,
+                            codec=codec, quality=quality)
     with tempfile.TemporaryDirectory(prefix="gapless-bench-") as tmp:
         for w in counts:
             bare = min(bare_read(slide, kind, coords, grid.level, grid.read_size, w) for _ in range(repeat))
@@ -81,7 +115,9 @@ def bench_tiling(slide, mpp=0.5, tile_size=224, stride=None, slide_mpp=None, kin
                 tile_source(slide, store, settings, workers=w, overwrite=True, progress=False)
                 tiler = min(tiler, time.perf_counter() - t0)
             size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())  # compression shows here
-            rows.append({"workers": w, "bare": n / bare, "tiler": n / tiler, "store_bytes": size})
+            rows.append({"workers": w, "bare": n / bare, "tiler": n / tiler, "store_bytes": size,
+                         "source_bytes": source_bytes, "store_ratio": size / source_bytes})
             speedup = rows[-1]["tiler"] / rows[0]["tiler"]
-            print(f"{w:>7} {n / bare:>13.1f} {n / tiler:>14.1f} {bare / tiler:>10.2f} {speedup:>14.2f}x {size / 2**20:>10.1f}")
+            print(f"{w:>7} {n / bare:>13.1f} {n / tiler:>14.1f} {bare / tiler:>10.2f} {speedup:>14.2f}x "
+                  f"{size / 2**20:>10.1f} {size / source_bytes:>8.2f}x")
     return rows

@@ -28,7 +28,7 @@ def _resize(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     from PIL import Image
 
     img = Image.fromarray(np.ascontiguousarray(a, dtype=np.float32))
-    return np.asarray(img.resize((shape[1], shape[0]), Image.Resampling.BICUBIC), dtype=np.float32)
+    return np.array(img.resize((shape[1], shape[0]), Image.Resampling.BICUBIC), dtype=np.float32)
 
 
 def _noise_field(rng: np.random.Generator, shape: tuple[int, int], scale_px: float) -> np.ndarray:

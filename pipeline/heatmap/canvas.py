@@ -36,8 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.heatmap.maps import open_maps_store, tile_batches
-from pipeline.store import store_attrs
+from pipeline.heatmap.maps import sample_view, tile_batches
 
 log = logging.getLogger("gapless.heatmap")
 
@@ -182,12 +181,12 @@ class StitchedMaps:
 def stitch_store(model, config: Mapping, store, batch_size: int = 64, device=None, progress: bool = True) -> StitchedMaps:
     """Streamed inference over ``store`` into a ``SlideCanvas`` (one batch in memory at a time), then the
     tissue cells: covered by tile maps and by the store's tissue mask (module docstring)."""
-    root, path = open_maps_store(store)
-    a = store_attrs(root, path)
+    view = sample_view(store)
+    path, a = view.path, view.attrs
     width, height, extent = int(a.width), int(a.height), float(a.tile_extent)
     canvas = None
     coords, probs = [], []
-    for batch in tile_batches(model, config, root, batch_size, device, progress):
+    for batch in tile_batches(model, config, view, batch_size, device, progress):
         has_attention = batch.attention is not None
         if canvas is None:
             canvas = SlideCanvas(width, height, extent, batch.contribution.shape[-1], 3 if has_attention else 2)
@@ -199,9 +198,8 @@ def stitch_store(model, config: Mapping, store, batch_size: int = 64, device=Non
     if not len(coords):
         log.warning("%s: no tiles; the heatmap is empty", path)
     valid = canvas.coverage() >= MIN_COVERAGE
-    mask = root.get("tissue_mask")  # opened once: each lookup reads the array's metadata
+    mask = view.tissue_mask()
     if mask is not None:
-        mask = mask[:]
         mask_ds = a.tissue_mask_downsample or [width / mask.shape[1], height / mask.shape[0]]
         valid &= cell_tissue_fraction(mask, mask_ds, canvas.rows, canvas.cols, canvas.cell) >= MIN_CELL_TISSUE
         del mask

@@ -11,14 +11,12 @@ import sys
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from pipeline.device import autocast_for, resolve_device
 from pipeline.errors import GaplessError
 from pipeline.inference import forward, probabilities
-from pipeline.store import store_attrs
 
 @dataclass
 class TileMaps:
@@ -32,13 +30,12 @@ class TileMaps:
     spread_weights: str  # share | attention | softmax: which w the spread used
 
 
-def open_maps_store(store):
-    """(zarr group, path or None) for a store path (opened and checked) or an opened group."""
-    from pipeline.store import open_store
+def sample_view(store, sample_id: str | None = None):
+    """The ``SampleTiles`` of a store path (opened and checked; ``sample_id`` picks a sample of a batch
+    store), or the view itself when given one."""
+    from pipeline.store import SampleTiles, open_sample
 
-    if isinstance(store, (str, Path)):
-        return open_store(store), Path(store)
-    return store, Path(str(store.store.root)) if hasattr(store.store, "root") else None
+    return store if isinstance(store, SampleTiles) else open_sample(store, sample_id)
 
 
 def iter_tile_maps(model, config: Mapping, store, batch_size: int = 64, device=None,
@@ -55,19 +52,16 @@ def iter_tile_maps(model, config: Mapping, store, batch_size: int = 64, device=N
     import torch
 
     from pipeline.augment import build_transforms
-    from pipeline.store import read_tiles
 
-    root, path = open_maps_store(store)
-    tiles = root["tiles"]
-    coords = np.asarray(root["coords"][:], dtype=np.int64)
-    n = int(tiles.shape[0])
+    view = sample_view(store)
+    path, tiles, coords, n = view.path, view.tiles, view.coords(), view.n
     if "mean" not in config or "std" not in config:
         raise GaplessError(path, "the model config has no channel mean/std", "pass the config load_trained returns")
     channels = int(tiles.shape[3])
     if len(config["mean"]) != channels:
         raise GaplessError(path, f"the model was trained on {len(config['mean'])}-channel tiles, this store has {channels}",
                            "use a head trained on samples of this kind (slide or image)")
-    transform = build_transforms(config.get("modality") or store_attrs(root, path).modality, False,
+    transform = build_transforms(config.get("modality") or view.attrs.modality, False,
                                  config["mean"], config["std"], image_size=config.get("image_size"),
                                  tile_size=int(tiles.shape[1]))
     device = resolve_device(device)
@@ -75,7 +69,7 @@ def iter_tile_maps(model, config: Mapping, store, batch_size: int = 64, device=N
     autocast = autocast_for(device)
 
     def load(start: int) -> torch.Tensor:
-        block = read_tiles(tiles, start, start + batch_size, path)  # a bad tile: one line naming the store
+        block = view.read(start, start + batch_size)  # a bad tile: one line naming the store
         images = []
         for tile in block:
             image = transform(image=tile)["image"]
@@ -84,7 +78,7 @@ def iter_tile_maps(model, config: Mapping, store, batch_size: int = 64, device=N
 
     from tqdm import tqdm
 
-    bar = tqdm(total=n, desc=f"heatmap {path.name if path else 'store'}", unit="tile", disable=not progress,
+    bar = tqdm(total=n, desc=f"heatmap {view.sample_id}", unit="tile", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     starts = list(range(0, n, batch_size))
     try:
@@ -141,14 +135,14 @@ def tile_batches(model, config: Mapping, store, batch_size: int, device, progres
     of no tiles, its maps' shape and channels from the model's output on one blank input."""
     import torch
 
-    root, _ = open_maps_store(store)
+    view = sample_view(store)
     empty = True
-    for _, maps in iter_tile_maps(model, config, root, batch_size, device, progress):
+    for _, maps in iter_tile_maps(model, config, view, batch_size, device, progress):
         empty = False
         yield maps
     if empty:
         device = resolve_device(device)
-        t = int(store_attrs(root).tile_size or root["tiles"].shape[1])
+        t = int(view.attrs.tile_size or view.tiles.shape[1])
         size = int(config.get("image_size") or t)
         x = torch.zeros(1, len(config["mean"]), size, size, device=device)
         with torch.no_grad():

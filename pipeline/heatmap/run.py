@@ -11,20 +11,23 @@ viewer, scored against witness annotations and logged to the head's MLflow run a
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from pipeline.device import resolve_device
 from pipeline.errors import GaplessError
 from pipeline.head_info import HeadInfo
 from pipeline.heatmap.canvas import stitch_store
-from pipeline.heatmap.maps import open_maps_store
+from pipeline.heatmap.maps import sample_view
 from pipeline.heatmap.outputs import write_heatmap
 from pipeline.heatmap.scores import check_normalisation, normalise, score_heatmap
 from pipeline.io import same_mpp
 from pipeline.mlflow_names import heatmap_metric
-from pipeline.store import store_attrs
 from pipeline.run_folder import load_trained
 
 log = logging.getLogger("gapless.heatmap")
@@ -42,13 +45,13 @@ def heatmap_model(model, config: Mapping, store, out_dir: str | Path, sample_id:
     go to that run as ``heatmap/{sample}/{score}`` and the PNG under ``heatmaps/``.
     """
     check_normalisation(normalisation)
-    root, path = open_maps_store(store)
-    sample_id = sample_id or (path.name.removesuffix(".zarr") if path else "sample")
+    view = sample_view(store, sample_id)
+    path, sample_id = view.path, sample_id or view.sample_id
     info = HeadInfo.from_dict(config.get("head_info"), name=head or config.get("head") or type(model).__name__)
     head = info.name
     run_id = run_id if run_id is not None else config.get("run_id")
     classes = list(config.get("classes") or [])
-    attrs = store_attrs(root, path)
+    attrs = view.attrs
     if config.get("mpp") and attrs.mpp and not same_mpp(attrs.mpp, config["mpp"]):
         log.warning("%s: tiles at %.3g µm/px, the model was trained at %.3g µm/px", path, attrs.mpp, config["mpp"])
 
@@ -64,33 +67,79 @@ def heatmap_model(model, config: Mapping, store, out_dir: str | Path, sample_id:
 
         annotations = load_annotations(annotations)  # a bad file fails before any inference
 
-    maps = stitch_store(model, config, root, batch_size, device, progress)
+    maps = stitch_store(model, config, view, batch_size, device, progress)
     if not classes:
         classes = [str(i) for i in range(maps.probs.shape[1])]
     values, value_range = normalise(maps, normalisation)
     scores = score_heatmap(values, maps.cell, annotations, positive_classes) if annotations is not None else {}
 
-    thumbnail = root.get("thumbnail")
-    thumbnail = None if thumbnail is None else thumbnail[:]
+    thumbnail = view.thumbnail()
     paths = write_heatmap(out_dir, sample_id, info, maps, values, value_range, normalisation, classes,
                           thumbnail, scores, run_id)
     if tracking_uri and run_id:
-        from mlflow.exceptions import MlflowException
-
-        from pipeline.tracking import RunLogger
-
-        numeric = {k: v for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        try:
-            run = RunLogger(tracking_uri, run_id)
-            run.metrics({heatmap_metric(sample_id, k): v for k, v in numeric.items()})
-            run.artifact(paths["png"], "heatmaps")
-        except MlflowException as exc:
-            raise GaplessError(tracking_uri, f"cannot log to MLflow run {run_id}: {exc.message}",
-                               "pass the tracking URI the head was trained with (mlflow.tracking_uri or "
-                               "MLFLOW_TRACKING_URI)") from None
+        log_scores(tracking_uri, run_id, {sample_id: scores}, [paths["png"]])
+    p = maps.probs[:, -1] if len(maps.probs) else np.zeros(0)
     return {**paths, "scores": scores, "range": list(value_range), "normalisation": normalisation,
             "run_id": run_id, "head": head, "tiles": int(len(maps.coords)), "cell_size": maps.cell,
-            "canvas": [int(values.shape[0]), int(values.shape[1])]}
+            "canvas": [int(values.shape[0]), int(values.shape[1])],
+            "p_mean": float(p.mean()) if len(p) else None, "p_max": float(p.max()) if len(p) else None}
+
+
+def log_scores(tracking_uri: str, run_id: str, scores: Mapping[str, dict], pngs: Sequence[Path] = ()) -> None:
+    """Each sample's numeric scores as ``heatmap/<sample>/<score>`` metrics of the model's run (in batches),
+    and ``pngs`` as artifacts under ``heatmaps/``."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking import RunLogger
+
+    metrics = {heatmap_metric(sample_id, k): v for sample_id, sample_scores in scores.items()
+               for k, v in sample_scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    try:
+        run = RunLogger(tracking_uri, run_id)
+        run.metrics(metrics)
+        for png in pngs:
+            run.artifact(png, "heatmaps")
+    except MlflowException as exc:
+        raise GaplessError(tracking_uri, f"cannot log to MLflow run {run_id}: {exc.message}",
+                           "pass the tracking URI the head was trained with (mlflow.tracking_uri or "
+                           "MLFLOW_TRACKING_URI)") from None
+
+
+MANIFEST_SCHEMA = "gapless.heatmaps/1"
+
+
+def heatmap_cohort(run_dir: str | Path, stores: Mapping[str, str | Path], out_dir: str | Path,
+                   manifest: str | Path | None = None, normalisation: str = "rank", positive_classes: Sequence[str] = (),
+                   batch_size: int = 64, tracking_uri: str | None = None, pngs_to_mlflow: int = 16,
+                   progress: bool = True, device=None) -> dict:
+    """One trained model over every sample of a cohort (``stores``: sample id → its store, which may be a
+    batch store): the model is loaded once, each sample's heatmap written into ``out_dir`` as
+    :func:`heatmap_model` writes it, the scores logged to the model's run in one go (and the first
+    ``pngs_to_mlflow`` PNGs as artifacts), and ``manifest`` (JSON: each sample's files, scores and
+    tile probabilities' mean and max) written last. Returns the manifest's content."""
+    from tqdm import tqdm
+
+    from pipeline.files import atomic_write_text
+
+    check_normalisation(normalisation)
+    device = resolve_device(device)
+    model, config = load_trained(run_dir, device)
+    head = config["head"]
+    results = {}
+    for sample_id, store in tqdm(stores.items(), desc=f"heatmaps {head}", unit="sample", disable=not progress,
+                                 file=sys.stderr, dynamic_ncols=True):
+        r = heatmap_model(model, config, sample_view(store, sample_id), out_dir, sample_id, head, normalisation,
+                          None, positive_classes, batch_size, device, config.get("run_id"), None, False)
+        results[sample_id] = {"json": str(r["json"]), "png": str(r["png"]), "tiles": r["tiles"], "p_mean": r["p_mean"],
+                              "p_max": r["p_max"], "scores": r["scores"]}
+    if tracking_uri and config.get("run_id"):
+        log_scores(tracking_uri, config["run_id"], {s: r["scores"] for s, r in results.items()},
+                   [Path(r["png"]) for r in list(results.values())[:pngs_to_mlflow]])
+    doc = {"schema": MANIFEST_SCHEMA, "head": head, "run_id": config.get("run_id"), "model": str(run_dir),
+           "normalisation": normalisation, "samples": results}
+    if manifest is not None:
+        atomic_write_text(manifest, json.dumps(doc, allow_nan=False, separators=(",", ":")) + "\n")  # compact: 10⁵ samples
+    return doc
 
 
 def heatmap_sample(store, run_dirs, out_dir: str | Path, sample_id: str | None = None, normalisation: str = "rank",
@@ -107,7 +156,7 @@ def heatmap_sample(store, run_dirs, out_dir: str | Path, sample_id: str | None =
     """
     check_normalisation(normalisation)
     device = resolve_device(device)  # once for every model
-    root, _ = open_maps_store(store)
+    view = sample_view(store, sample_id)  # opened and checked once for every model
     if isinstance(run_dirs, Mapping):
         jobs = [(str(head), Path(d), Path(out_dir) / str(head)) for head, d in run_dirs.items()]
     else:
@@ -116,7 +165,7 @@ def heatmap_sample(store, run_dirs, out_dir: str | Path, sample_id: str | None =
     for head, run_dir, target in jobs:
         model, config = load_trained(run_dir, device)
         head = head or config["head"]
-        results[head] = heatmap_model(model, config, root, target,
+        results[head] = heatmap_model(model, config, view, target,
                                       sample_id, head, normalisation, annotations, positive_classes, batch_size,
                                       device, config.get("run_id"), tracking_uri, progress)
         del model

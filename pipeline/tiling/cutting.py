@@ -108,10 +108,15 @@ def _tiles(tiles_path: str):
     """This process's writer handle on the tile array, opened on first use (helpers start before it exists)."""
     import zarr
 
+    from pipeline.codecs import rust_can_write  # and registers the tile codecs in this process
+
     if "tiles" not in _worker:
         # the codec pipeline and write_empty_chunks are bound when an array is opened: this handle
         # gets the fast writer, and the rest of the process keeps zarr's defaults
-        with zarr.config.set(_worker["write_config"]):
+        config = dict(_worker["write_config"])
+        if not rust_can_write(tiles_path):  # JPEG: zarrs has no such codec, zarr's default pipeline encodes
+            config.pop("codec_pipeline.path", None)
+        with zarr.config.set(config):
             _worker["tiles"] = zarr.open_array(tiles_path, mode="r+")
     return _worker["tiles"]
 

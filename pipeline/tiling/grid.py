@@ -41,6 +41,10 @@ class TileSettings:
     positive_classes: tuple[str, ...] = setting((), flag="--positive-class", metavar="NAME",
                                                 help="annotation class that makes a tile positive (repeatable; "
                                                      "default: any)")
+    codec: str = setting("jpeg", choices=("jpeg", "lossless"),
+                         help="8-bit RGB brightfield tiles: jpeg (at --quality) or lossless (Blosc-LZ4); 16-bit and "
+                              "fluorescence tiles are always lossless")
+    quality: int = setting(90, help="JPEG quality (1-100) of 8-bit RGB brightfield tiles")
     on_empty: str = setting("error", choices=("error", "flag"),
                             help="a sample without tissue: error stops, flag writes an empty store flagged "
                                  "'no tissue' (also --allow-empty)")
@@ -67,6 +71,10 @@ class TileSettings:
             raise GaplessError(path, f"--min-tissue must be in [0, 1], got {self.min_tissue}", "e.g. --min-tissue 0.25")
         if self.tissue not in TISSUE_METHODS:
             raise GaplessError(path, f"--tissue must be one of {', '.join(TISSUE_METHODS)}, got {self.tissue!r}", "use auto")
+        if self.codec not in ("jpeg", "lossless"):
+            raise GaplessError(path, f"--codec must be jpeg or lossless, got {self.codec!r}", "use jpeg")
+        if isinstance(self.quality, bool) or not isinstance(self.quality, int) or not 1 <= self.quality <= 100:
+            raise GaplessError(path, f"--quality must be a whole number from 1 to 100, got {self.quality!r}", "e.g. --quality 90")
         if self.on_empty not in ("error", "flag"):
             raise GaplessError(path, f"--on-empty must be error or flag, got {self.on_empty!r}", "use error")
 

@@ -125,14 +125,14 @@ def _plan(source: Source, path: Path, source_mpp: float, settings: TileSettings)
 
 
 def _survey(source: Source, path: Path, settings: TileSettings, annotations, grid: TileGrid, source_mpp: float,
-            mpp_source: str) -> Survey:
+            mpp_source: str, thumbnail_side: int = THUMBNAIL_MAX_SIDE) -> Survey:
     """One overview read serves the tissue mask (~16 px per tile) and the thumbnail (≤ 1024 px); the mask
     chooses the tiles; annotations (checked to be in the image's frame) label them."""
     from pipeline.tissue import detect_modality, read_overview, tissue_mask, to_display_rgb
 
     W, H = source.dimensions
     mask_ds = max(1.0, grid.extent / MASK_PX_PER_TILE, max(W, H) / MASK_MAX_SIDE)
-    thumb_ds = max(1.0, max(W, H) / THUMBNAIL_MAX_SIDE)
+    thumb_ds = max(1.0, max(W, H) / thumbnail_side)
     overview, overview_ds = read_overview(source, min(mask_ds, thumb_ds))
     modality = detect_modality(overview) if settings.tissue in ("auto", "none") else settings.tissue
     method = modality if settings.tissue == "auto" else settings.tissue
@@ -172,12 +172,15 @@ def _write_store(partial: Path, source: Source, path: Path, settings: TileSettin
     """The arrays, the tiles cut shard by shard, then the attributes (with the integrity record, last)."""
     import zarr
 
+    from pipeline.codecs import tile_codec
+
     n, T, channels, dtype = len(survey.coords), settings.tile_size, source.channels, source.dtype
     per_shard = shard_tiles(n, T * T * channels * dtype.itemsize, workers)
+    codec = tile_codec(settings.codec, settings.quality, dtype, channels, survey.modality)  # JPEG or lossless
     root = zarr.open_group(partial, mode="w", zarr_format=3)
     root.create_array(  # filled shard by shard by the cutting processes, each with its own handle
         "tiles", shape=(n, T, T, channels), chunks=(1, T, T, channels), shards=(per_shard, T, T, channels),
-        dtype=dtype, fill_value=0, compressors=tile_codecs(dtype), dimension_names=["tile", "y", "x", "c"],
+        dtype=dtype, fill_value=0, **tile_codecs(dtype, codec), dimension_names=["tile", "y", "x", "c"],
     )
     small = small_codecs()
     for name, data, dims in (("coords", survey.coords.astype(np.int64), ["tile", "xy"]),
@@ -186,7 +189,9 @@ def _write_store(partial: Path, source: Source, path: Path, settings: TileSettin
                              ("thumbnail", survey.thumbnail, ["y", "x", "rgb"]),
                              ("tissue_mask", survey.mask.astype(np.uint8), ["y", "x"])):
         chunks = (max(n, 1), *data.shape[1:]) if dims[0] == "tile" else data.shape
-        root.create_array(name, data=data, chunks=chunks, dimension_names=dims, compressors=small)
+        pictures = name == "thumbnail" and not codec["lossless"]  # a JPEG store's thumbnail is a JPEG too
+        root.create_array(name, data=data, chunks=chunks, dimension_names=dims,
+                          **(tile_codecs(data.dtype, codec) if pictures else {"compressors": small}))
 
     n_shards = math.ceil(n / per_shard)
     bar = _progress(n, f"tiling {path.name}", progress)
@@ -197,14 +202,14 @@ def _write_store(partial: Path, source: Source, path: Path, settings: TileSettin
     else:
         stats = helpers.cut(source, workers - 1, tiles_path, n_shards, job, bar)
     bar.close()
-    attrs = _attrs(source, path, settings, survey, stats, per_shard, workers, time.perf_counter() - start_time)
+    attrs = _attrs(source, path, settings, survey, stats, per_shard, workers, time.perf_counter() - start_time, codec)
     attrs["integrity"] = integrity_record(partial)  # every data file is written: what the store holds
-    root.attrs.update(attrs)
+    root.update_attributes(attrs)  # one write of zarr.json (attrs.update writes it once per key)
     return attrs
 
 
 def _attrs(source: Source, path: Path, settings: TileSettings, survey: Survey, stats: ChannelStats, per_shard: int,
-           workers: int, seconds: float) -> dict:
+           workers: int, seconds: float, codec: dict | None = None) -> dict:
     grid, (W, H) = survey.grid, source.dimensions
     return TileStoreAttrs(
         source=str(path.resolve()), format=source.format, kind=source.kind, channel_names=list(source.channel_names),
@@ -219,6 +224,7 @@ def _attrs(source: Source, path: Path, settings: TileSettings, survey: Survey, s
         positive_classes=list(settings.positive_classes), n_positive=int((survey.labels == 1).sum()),
         thumbnail_downsample=list(survey.thumb_px), tissue_mask_downsample=list(survey.mask_px),
         qc_flag=survey.qc_flag, seconds=round(seconds, 3), tool_version=__version__,
+        **({"tile_codec": codec} if codec else {}),  # else lossless, the default
     ).to_attrs()
 
 

@@ -2,8 +2,14 @@
 
 A pyramid folder holds ``slide.dzi`` (the descriptor), ``slide_files/{level}/{col}_{row}.{format}``
 (level 0 is 1×1 px, the last level is full resolution; each level halves the one above it, rounding
-up) and ``pyramid.json`` (size, tile size, kind, modality, µm/px). Tiles are ``tile_size`` px with
-``overlap`` px more on every side that has a neighbour, as OpenSlide's ``DeepZoomGenerator`` cuts them.
+up) and ``pyramid.json`` (size, tile size, kind, modality, µm/px, the source, the finest level written).
+Tiles are ``tile_size`` px with ``overlap`` px more on every side that has a neighbour, as OpenSlide's
+``DeepZoomGenerator`` cuts them.
+
+The descriptor always describes the whole slide at full resolution, but a folder may hold only the
+levels up to ``max_level`` (a static export capped at a µm/px): the viewer then shows that level
+magnified, and ``gapless view`` cuts the finer ones from the source on demand. Level numbers and tile
+names are the same either way.
 """
 
 from __future__ import annotations
@@ -57,11 +63,66 @@ def dzi_text(width: int, height: int, tile_size: int, overlap: int, fmt: str) ->
     return ET.tostring(image, encoding="unicode")
 
 
+def finest_level(levels: int, source_mpp: float | None, max_mpp: float | None, tile_size: int,
+                 size: tuple[int, int]) -> int:
+    """The finest Deep Zoom level (of ``levels``, for a ``size`` level-0 image) that is not finer than
+    ``max_mpp`` µm/px, given ``source_mpp`` µm per level-0 px (within ``MPP_TOLERANCE``).
+
+    ``max_mpp`` or ``source_mpp`` None: the last level (full resolution). Never coarser than the finest
+    level that fits in one tile (the page's whole-slide picture).
+    """
+    from pipeline.io import MPP_TOLERANCE
+
+    last = levels - 1
+    if max_mpp is None or source_mpp is None:
+        return last
+    dims = dz_level_dimensions(*size)
+    one_tile = max(lv for lv, (w, h) in enumerate(dims) if w <= tile_size and h <= tile_size)
+    fine_enough = [lv for lv in range(levels) if source_mpp * 2 ** (last - lv) >= max_mpp * (1 - MPP_TOLERANCE)]
+    return max([one_tile] + fine_enough)
+
+
+def level_mpp(pyr: dict, level: int) -> float | None:
+    """µm/px of Deep Zoom ``level`` of the pyramid ``pyr`` (:func:`read_pyramid`), None without µm/px."""
+    mpp = pyr.get("mpp")
+    return None if mpp is None else float(mpp) * 2 ** (pyr["levels"] - 1 - level)
+
+
+def disk_usage(folder: str | Path) -> tuple[int, int]:
+    """(files, bytes) under ``folder``: what a pyramid costs on disk."""
+    files = size = 0
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            files += 1
+            size += path.stat().st_size
+    return files, size
+
+
+def pyramid_summary(pyramid_dir: str | Path, capped: bool = True) -> str:
+    """What a pyramid folder holds, in words: the levels written (finest µm/px), its files and bytes.
+    ``capped``: a cap in µm/px was asked for (to say why a folder without µm/px has every level)."""
+    pyr = read_pyramid(pyramid_dir)
+    files, size = disk_usage(pyramid_dir)
+    last = pyr["levels"] - 1
+    finest, full = level_mpp(pyr, pyr["max_level"]), level_mpp(pyr, last)
+    if pyr["max_level"] < last:
+        levels = (f"levels 0-{pyr['max_level']} of 0-{last} (finest {finest:.3g} µm/px; the slide's {full:.3g} µm/px "
+                  "served by `gapless view`)")
+    elif capped and full is None:
+        levels = "every level (no µm/px known, so not capped: pass --slide-mpp)"
+    else:
+        levels = "every level" + (f" (full resolution, {full:.3g} µm/px)" if full else "")
+    return f"{levels}, {files} files, {size:,} bytes ({size / 1e6:.1f} MB)"
+
+
 def read_pyramid(pyramid_dir: str | Path) -> dict:
     """The geometry of a DZI pyramid folder (``slide.dzi`` + ``slide_files/``), checked.
 
     Returns ``tile_size``, ``overlap``, ``format``, ``width``, ``height`` (level-0 px), ``dzi`` and
-    ``files`` (paths), ``levels`` and, from ``pyramid.json`` when present, ``mpp``, ``kind``, ``modality``.
+    ``files`` (paths), ``levels`` (all Deep Zoom levels of the slide), ``max_level`` (the finest level
+    the folder holds: ``levels - 1`` unless the export was capped at a µm/px) and, from ``pyramid.json``
+    when present, ``mpp`` (of level 0), ``kind``, ``modality``, ``source`` (the slide, absolute),
+    ``quality`` and ``max_mpp`` (the cap asked for, or None).
     """
     pyramid_dir = Path(pyramid_dir)
     if not pyramid_dir.is_dir():
@@ -74,21 +135,30 @@ def read_pyramid(pyramid_dir: str | Path) -> dict:
         dzi = found[0]
     info = _read_dzi(dzi)
     files = dzi.with_name(dzi.stem + "_files")
-    levels = dz_level_dimensions(info["width"], info["height"])
-    top = files / str(len(levels) - 1)
+    levels = len(dz_level_dimensions(info["width"], info["height"]))
+    meta = _read_meta(pyramid_dir / "pyramid.json")
+    max_level = meta.get("max_level")
+    if not (isinstance(max_level, int) and 0 <= max_level < levels):
+        max_level = levels - 1
+    top = files / str(max_level)
     if not top.is_dir() or not (top / f"0_0.{info['format']}").is_file():
-        raise GaplessError(files, "the pyramid's tiles are missing (no full-resolution level)", _PYRAMID_FIX)
-    info.update(dzi=dzi, files=files, levels=len(levels))
-    meta_path = pyramid_dir / "pyramid.json"
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            info["mpp"] = meta.get("mpp")
-            info["kind"] = meta.get("kind")
-            info["modality"] = meta.get("modality")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            pass
+        what = "full-resolution level" if max_level == levels - 1 else f"level {max_level}, the finest it records"
+        raise GaplessError(files, f"the pyramid's tiles are missing (no {what})", _PYRAMID_FIX)
+    info.update(dzi=dzi, files=files, levels=levels, max_level=max_level)
+    for key in ("mpp", "kind", "modality", "source", "quality", "max_mpp"):
+        info[key] = meta.get(key)
     return info
+
+
+def _read_meta(path: Path) -> dict:
+    """``pyramid.json``, or {} when absent or unreadable (a Deep Zoom folder made by other tools)."""
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def _read_dzi(dzi: Path) -> dict:
@@ -115,7 +185,7 @@ def thumbnail_tile(pyr: dict) -> Path | None:
     """The single tile of the finest level that still fits in one tile: the slide's thumbnail."""
     dims = dz_level_dimensions(pyr["width"], pyr["height"])
     best = None
-    for level, (w, h) in enumerate(dims):
+    for level, (w, h) in enumerate(dims[: pyr.get("max_level", len(dims) - 1) + 1]):
         if w <= pyr["tile_size"] and h <= pyr["tile_size"]:
             best = level
     if best is None:

@@ -1,187 +1,123 @@
-"""The index page: every sample page linked, with a table of each head's scores per sample.
+"""The index page: every mapped sample in one table, each head's probability and scores, a link to the
+sample's page where it has one.
 
-Heads are columns in their declared order and words (``head_info`` of the page summaries,
-:mod:`pipeline.viewer.summary`); the best head per metric and sample is in bold; the last row is the
-mean over the samples that have the score.
+What it lists is :mod:`pipeline.viewer.index_rows`'s (the heatmap manifests, the page summaries, the
+sample sheets). The table's data is embedded once, as compact JSON in a ``<script
+type="application/json">`` (the page also works opened from disk, where ``fetch()`` is blocked), by
+columns: sample ids, each detail dictionary-coded (``values`` + ``codes``, -1 missing) or as numbers,
+each head × metric as integers over its ``scale`` (10⁴: four decimals; counts as they are; null
+missing). ``viewer_assets/index.js`` shows it a page of rows at a time, with a search box, sorting by
+any column and paging: 10⁵ samples stay fast (the figures are in the README). Heads are columns in
+their declared order and words (``HeadInfo``); the best head per metric and sample is in bold; the
+last row is the mean over the samples found.
 """
 
 from __future__ import annotations
 
 import html
-import math
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable
 
-from pipeline.errors import GaplessError
 from pipeline.files import atomic_write_text
 from pipeline.head_info import HeadInfo
-from pipeline.heatmap.document import is_number
-from pipeline.viewer.summary import read_page_summary
-from pipeline.viewer.templating import copy_assets, format_value, page_head, rel_url
+from pipeline.viewer.index_rows import IndexTable, index_table
+from pipeline.viewer.templating import (
+    ASSETS_DIR,
+    copy_assets,
+    page_head,
+    rel_url,
+    script_json,
+)
 
-
-@dataclass
-class IndexRow:
-    """One sample of the index: its page, scores per head, details (info) and thumbnail."""
-
-    sample: str
-    page: Path
-    heads: dict[str, dict]
-    info: dict
-    thumbnail: str | None
-
-
-@dataclass
-class IndexColumns:
-    """The table's columns: info keys, then each head (in display order) with its metrics."""
-
-    info: list[str]
-    heads: list[HeadInfo]
-    metrics: dict[str, list[str]]  # head name -> its metrics, sorted
-
-    @property
-    def all_metrics(self) -> list[str]:
-        return sorted({m for ms in self.metrics.values() for m in ms})
+INDEX_SCHEMA = "gapless.index/1"
+SCORE_SCALE = 10_000  # scores kept to 4 decimals (the table shows 3, sorting sees 4)
+METRIC_TITLES = {"p_max": "the highest tile probability of the positive class",
+                 "p_mean": "the mean tile probability of the positive class"}
 
 
 def write_index(
     out_html: str | Path,
-    pages: Iterable[tuple[str, str | Path, dict | None]],
+    pages: Iterable[tuple[str, str | Path, dict | None]] = (),
     title: str = "gapless heatmaps",
+    *,
+    manifests: Iterable[str | Path] = (),
+    summaries_dir: str | Path | None = None,
+    sample_info: Mapping[str, dict] | None = None,
+    pages_note: str | None = None,
 ) -> Path:
-    """Write the index page linking every sample page, with a table of each head's scores.
+    """Write the index page: every sample of the heatmap ``manifests`` (and of ``pages``), each head's
+    probability and scores, the sample's details, a link to its page where it has one.
 
-    ``pages``: (sample_id, page_path, summary) with the summary :func:`write_sample_page` returned
-    (or a bare ``{head: {metric: value}}``). The best head per metric and sample is in bold; the last
-    row is the mean over samples.
+    ``pages``: (sample_id, page_path, summary) with the summary :func:`write_sample_page` returned (or a
+    bare ``{head: {metric: value}}``); ``summaries_dir``: a folder of page summaries
+    (``gapless page --summary``), for cohorts whose pages are too many to name; ``sample_info``:
+    ``{sample: {label, group, kind}}`` (:func:`pipeline.viewer.index_rows.sheet_info`); ``pages_note``:
+    how the paged samples were chosen, said on the page. What each source gives:
+    :mod:`pipeline.viewer.index_rows`.
     """
+    table = index_table(out_html, pages, manifests=manifests, summaries_dir=summaries_dir, sample_info=sample_info)
+    return write_index_table(out_html, table, title, pages_note)
+
+
+def write_index_table(out_html: str | Path, table: IndexTable, title: str = "gapless heatmaps",
+                      pages_note: str | None = None) -> Path:
+    """Write ``table`` (:func:`pipeline.viewer.index_rows.index_table`) as the index page, with the viewer's
+    assets beside it."""
     out_html = Path(out_html)
-    index_dir = out_html.parent
-    rows, infos = index_rows(out_html, pages)
-    move_shared_counts(rows)
-    columns = index_columns(rows, infos)
-    page = index_html(title, len(rows), scores_table(rows, columns, index_dir), heads_legend(columns.heads))
-    copy_assets(index_dir)
+    page = index_html(title, table, index_data(table, out_html.parent), pages_note)
+    copy_assets(out_html.parent)
     atomic_write_text(out_html, page)
     return out_html
 
 
-def index_rows(out_html: Path, pages) -> tuple[list[IndexRow], dict[str, HeadInfo]]:
-    """The checked rows (each page exists, each sample once) and each head's ``HeadInfo`` (the first
-    summary that names the head decides)."""
-    rows: list[IndexRow] = []
-    infos: dict[str, HeadInfo] = {}
-    seen = set()
-    for entry in pages:
-        try:
-            sample_id, page_path, summary = entry
-        except (TypeError, ValueError):
-            raise GaplessError(out_html, f"an index entry must be (sample_id, page_path, summary), got {entry!r}",
-                               "pass the triples of the written sample pages") from None
-        page_path = Path(page_path)
-        if not page_path.is_file():
-            raise GaplessError(page_path, f"the page of sample {sample_id!r} does not exist",
-                               "write the sample pages (gapless page) before the index")
-        if sample_id in seen:
-            raise GaplessError(page_path, f"sample {sample_id!r} listed twice", "list each sample once")
-        seen.add(sample_id)
-        heads, head_infos, info, thumb = read_page_summary(summary)
-        for name, head_info in head_infos.items():
-            infos.setdefault(name, head_info)
-        rows.append(IndexRow(str(sample_id), page_path, heads, info, thumb))
-    return rows, infos
+def index_data(table: IndexTable, index_dir: Path) -> dict:
+    """The embedded JSON ``index.js`` reads (see the module docstring); paths relative to ``index_dir``."""
+    n = len(table.samples)
+    metrics = table.all_metrics
+    columns = []
+    for i, head in enumerate(table.heads):
+        for metric in table.metrics(head.name):
+            column = table.scores[head.name][metric]
+            columns.append({"head": i, "metric": metrics.index(metric),
+                            **_encoded_numbers(list(map(column.get, range(n))), SCORE_SCALE)})
+    pages = []
+    for r, (page, thumb) in sorted(table.pages.items()):
+        thumb_url = rel_url(Path(thumb), index_dir) if thumb and Path(thumb).is_file() else None
+        pages.append([r, rel_url(page, index_dir), thumb_url])
+    return {
+        "schema": INDEX_SCHEMA,
+        "samples": table.samples,
+        "info": [{"key": k, **_encoded_details(list(map(column.get, range(n))))} for k, column in table.info.items()],
+        "heads": [{"name": h.name, "label": h.shown, "description": h.description} for h in table.heads],
+        "metrics": [{"name": m, "label": m.replace("_", " "), "title": METRIC_TITLES.get(m, "")} for m in metrics],
+        "columns": columns,
+        "pages": pages,
+    }
 
 
-def move_shared_counts(rows: list[IndexRow]) -> None:
-    """A count every head of a sample reports alike (e.g. witness_cells) is the sample's: moved from the
-    heads' scores to the row's info, shown once."""
-    candidates = {m for r in rows for h in r.heads.values() for m, v in h.items() if isinstance(v, int) and not isinstance(v, bool)}
-    shared = set()
-    for m in sorted(candidates):
-        if all(len({h[m] for h in r.heads.values() if m in h}) <= 1 and all(isinstance(h[m], int) for h in r.heads.values() if m in h)
-               for r in rows):
-            shared.add(m)
-    for r in rows:
-        for m in sorted(shared):
-            value = next((h[m] for h in r.heads.values() if m in h), None)
-            if value is not None:
-                r.info.setdefault(m.replace("_", " "), value)
-            for h in r.heads.values():
-                h.pop(m, None)
+def _number(v):
+    """``v`` if a finite number (not a bool), else None; fast, as 10⁶ values pass here."""
+    t = type(v)
+    if t is int or (t is float and v - v == 0):  # v - v is NaN for inf and NaN
+        return v
+    return None
 
 
-def index_columns(rows: list[IndexRow], infos: dict[str, HeadInfo]) -> IndexColumns:
-    heads = sorted((infos.get(h) or HeadInfo(h) for h in {h for r in rows for h in r.heads}), key=HeadInfo.sort_key)
-    metrics = {h.name: sorted({m for r in rows for m in r.heads.get(h.name, {})}) for h in heads}
-    info_cols: list[str] = []
-    for r in rows:
-        for k in r.info:
-            if k not in info_cols:
-                info_cols.append(k)
-    return IndexColumns(info_cols, heads, metrics)
+def _encoded_numbers(values: list, scale: int) -> dict:
+    """Counts as they are (scale 1), other numbers as integers over ``scale``; null where missing."""
+    values = list(map(_number, values))
+    if float not in set(map(type, values)):
+        return {"scale": 1, "values": values}
+    return {"scale": scale, "values": [None if v is None else round(v * scale) for v in values]}
 
 
-def _metric_label(m: str) -> str:
-    return html.escape(m.replace("_", " "))
-
-
-def _finite(values) -> list:
-    return [v for v in values if is_number(v) and math.isfinite(v)]
-
-
-def scores_table(rows: list[IndexRow], columns: IndexColumns, index_dir: Path) -> str:
-    """The ``<table>`` (two header rows, a row per sample, the mean row), or a note when there are no samples."""
-    if not rows:
-        return '<p class="muted">No samples yet.</p>'
-    body = "".join(_sample_row(r, columns, index_dir) for r in rows)
-    foot = "<tfoot><tr>" + "".join(_mean_cells(rows, columns)) + "</tr></tfoot>" if columns.all_metrics else ""
-    return ('<table class="index-table"><thead>' + _header_rows(columns) + "</thead><tbody>" + body + "</tbody>"
-            + foot + "</table>")
-
-
-def _header_rows(columns: IndexColumns) -> str:
-    head_row = ["<th rowspan=2>sample</th>"] + [f"<th rowspan=2>{html.escape(k)}</th>" for k in columns.info]
-    sub_row = []
-    for h in columns.heads:
-        metrics = columns.metrics[h.name]
-        head_row.append(f'<th colspan={max(1, len(metrics))} class="head-col" '
-                        f'title="{html.escape(h.description or h.name)}">{html.escape(h.shown)}</th>')
-        sub_row.extend([f"<th>{_metric_label(m)}</th>" for m in metrics] or ["<th></th>"])
-    return "<tr>" + "".join(head_row) + "</tr><tr>" + "".join(sub_row) + "</tr>"
-
-
-def _sample_row(row: IndexRow, columns: IndexColumns, index_dir: Path) -> str:
-    best = {}  # metric -> the best value over the heads; a tie everywhere marks nothing
-    for m in columns.all_metrics:
-        vals = _finite(row.heads.get(h.name, {}).get(m) for h in columns.heads)
-        if len(vals) > 1 and len(set(vals)) > 1:
-            best[m] = max(vals)
-    href = html.escape(rel_url(row.page, index_dir))
-    thumb_html = ""
-    if row.thumbnail and Path(row.thumbnail).is_file():
-        thumb_html = f'<img class="thumb" src="{html.escape(rel_url(Path(row.thumbnail), index_dir))}" alt="" loading="lazy">'
-    cells = [f'<td class="sample"><a href="{href}">{thumb_html}<span>{html.escape(row.sample)}</span></a></td>']
-    cells += [f"<td>{format_value(row.info.get(k))}</td>" for k in columns.info]
-    for h in columns.heads:
-        if not columns.metrics[h.name]:
-            cells.append("<td></td>")
-        for m in columns.metrics[h.name]:
-            v = row.heads.get(h.name, {}).get(m)
-            is_best = m in best and is_number(v) and v == best[m]
-            cells.append(f'<td class="num{" best" if is_best else ""}">{format_value(v)}</td>')
-    return "<tr>" + "".join(cells) + "</tr>"
-
-
-def _mean_cells(rows: list[IndexRow], columns: IndexColumns) -> list[str]:
-    cells = ['<th scope="row" title="over the samples that have the score">mean</th>'] + ["<td></td>" for _ in columns.info]
-    for h in columns.heads:
-        if not columns.metrics[h.name]:
-            cells.append("<td></td>")
-        for m in columns.metrics[h.name]:
-            vals = _finite(r.heads.get(h.name, {}).get(m) for r in rows)
-            cells.append(f'<td class="num">{format_value(sum(vals) / len(vals)) if vals else format_value(None)}</td>')
-    return cells
+def _encoded_details(values: list) -> dict:
+    """A detail column: numbers as they are, anything else as text coded by a list of its distinct values."""
+    if all(v is None or type(v) in (int, float) for v in values):
+        return {"numbers": [_number(v) for v in values]}
+    distinct: dict[str, int] = {}
+    codes = [-1 if v is None else distinct.setdefault(str(v), len(distinct)) for v in values]
+    return {"values": list(distinct), "codes": codes}
 
 
 def heads_legend(heads: list[HeadInfo]) -> str:
@@ -190,17 +126,50 @@ def heads_legend(heads: list[HeadInfo]) -> str:
                    for h in heads)
 
 
-def index_html(title: str, n_samples: int, table: str, legend: str) -> str:
+def pages_sentence(n_rows: int, n_paged: int, note: str | None) -> str:
+    """How many samples have a page, and how they were chosen (``note``, e.g. from the workflow's config)."""
+    chosen = f"Pages were made for {note}: " if note else ""
+    if n_paged == n_rows:
+        return f"{chosen}every sample has a page." if note else "Every sample has a page."
+    if n_paged == 0:
+        return f"No sample has a page (pages are made for {note})." if note else "No sample has a page."
+    return (f"{chosen}{n_paged:,} of {n_rows:,} samples have a page (the slide at deep zoom under each head's map); "
+            "the others are listed with their scores, without a link.")
+
+
+def index_html(title: str, table: IndexTable, data: dict, pages_note: str | None = None) -> str:
+    n, paged = len(table.samples), table.paged
+    count = f"{n:,} sample{'s' if n != 1 else ''}" + (f", {paged:,} with a page" if paged != n else "")
+    note = pages_sentence(n, paged, pages_note) if n else "No samples yet."
     return page_head(title, "index-page") + f"""
-<header class="bar"><h1>{html.escape(title)}</h1><span class="muted">{n_samples} sample{'s' if n_samples != 1 else ''}</span></header>
+<header class="bar"><h1>{html.escape(title)}</h1><span class="muted" id="index-count">{count}</span></header>
 <main class="index-main">
-<p>Pick a sample to see where each head looked: the slide at deep zoom with every head's heatmap over it,
-side by side if you like, and each tile's probability on click. Scores are per sample; the best head per
-metric is in bold; the last row is the mean over the samples that have the score.</p>
-{table}
+<p>Every mapped sample with each head's scores (<i>p max</i>, <i>p mean</i>: the highest and the mean tile
+probability of the positive class; the localisation scores where the sample's annotations allow them). A linked
+sample opens its page: the slide at deep zoom with every head's heatmap over it. The best head per metric is in
+bold; the last row is the mean over the samples found. Click a column's name to sort by it.</p>
+<p id="pages-note">{html.escape(note)}</p>
+<div class="index-controls" role="search">
+  <label class="ctl">Find <input id="index-search" type="search" size="28" placeholder="sample, group or label"
+    aria-label="Find samples by id, group or label" autocomplete="off"></label>
+  <label class="ctl"><input id="index-paged" type="checkbox"> with a page only</label>
+  <label class="ctl">Scores <select id="index-metric" aria-label="Scores shown"></select></label>
+  <label class="ctl">Rows <select id="index-size" aria-label="Rows per page">
+    <option>25</option><option selected>100</option><option>500</option></select></label>
+</div>
+<nav class="pager" aria-label="Table pages">
+  <button id="index-prev" type="button">&#8592; previous</button>
+  <span id="index-status" aria-live="polite"></span>
+  <button id="index-next" type="button">next &#8594;</button>
+</nav>
+<div class="index-scroll"><table class="index-table" id="index-table"></table></div>
 <h2>Heads</h2>
-<ul class="head-list">{legend}</ul>
+<ul class="head-list">{heads_legend(table.heads)}</ul>
 </main>
+<noscript><p class="noscript">This table needs JavaScript.</p></noscript>
+<script type="application/json" id="gapless-index">{script_json(data)}</script>
+<script src="{ASSETS_DIR}/index.js"></script>
 </body>
 </html>
 """
+

@@ -4,6 +4,11 @@ The tiles are cut from the source's own reads (``Source.read_region``), so every
 know (OpenSlide's slides, TIFF / OME-TIFF / PNG cell images, ...) gets a pyramid, in the layout of
 :mod:`pipeline.viewer.deepzoom`. Pixels that are not RGB uint8 (multi-channel, 16-bit fluorescence)
 are shown as :func:`pipeline.tissue.to_display_rgb` colours them.
+
+The static export stops at a µm/px (``max_mpp``, 1 µm/px unless told): a full-resolution copy of a 40×
+slide is about the slide's size again in ~10⁵ files. :class:`SourceTiles` cuts any tile of a pyramid
+folder from its source on demand, through the same reads, for ``gapless view``
+(:mod:`pipeline.viewer.server`).
 """
 
 from __future__ import annotations
@@ -12,9 +17,9 @@ import json
 import math
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -27,10 +32,13 @@ from pipeline.viewer.deepzoom import (
     dz_level_tiles,
     dz_tile_box,
     dzi_text,
+    finest_level,
+    read_pyramid,
 )
 
 COARSE_MAX_SIDE = 4096  # levels at most this big are resized from one picture, not read again
 BLOCK_SIDE = 1024  # about this many px a side of a level are read at once and cut into tiles
+DEFAULT_MAX_MPP = 1.0  # µm/px of the finest level a static export writes when not told (None: every level)
 
 
 def write_slide_pyramid(
@@ -42,13 +50,21 @@ def write_slide_pyramid(
     progress: bool = True,
     quality: int = 85,
     workers: int = 1,
+    max_mpp: float | None = DEFAULT_MAX_MPP,
+    slide_mpp: float | None = None,
 ) -> Path:
     """Write a Deep Zoom (DZI) pyramid of a slide or cell image into ``out_dir``; return ``out_dir``.
 
     ``out_dir/slide.dzi`` describes it, ``out_dir/slide_files/{level}/{col}_{row}.jpeg`` are the
     tiles (level 0 is 1×1 px, the last level is full resolution; the tiles are those OpenSlide's
-    ``DeepZoomGenerator`` cuts) and ``out_dir/pyramid.json`` records the size, kind and µm/px. The
-    pyramid covers exactly the level-0 extent [0, width] × [0, height], the frame heatmaps use.
+    ``DeepZoomGenerator`` cuts) and ``out_dir/pyramid.json`` records the size, kind, µm/px, the source
+    and the finest level written. The pyramid covers exactly the level-0 extent [0, width] × [0, height],
+    the frame heatmaps use.
+
+    Levels finer than ``max_mpp`` µm/px are not written (``None``: every level, a full-resolution
+    copy); the page shows the finest written level magnified, and ``gapless view`` serves the finer
+    ones from the slide. The source's µm/px is its metadata's, or ``slide_mpp``; a source with neither
+    gets every level (it cannot be capped in µm).
 
     Every level finer than the finest one of at most 4096 px a side ("coarse") is read from the
     source in blocks of about 1024 px a side, each from the coarsest source level at least as fine
@@ -64,10 +80,11 @@ def write_slide_pyramid(
     from pipeline.io import open_source
 
     source_path, out_dir = Path(source_path), Path(out_dir)
-    _check_options(source_path, tile_size, overlap, quality)
+    _check_options(source_path, tile_size, overlap, quality, max_mpp)
     with open_source(source_path, kind) as source:  # clear errors for missing/unreadable files
         pixels = DisplayPixels(source)
-        plan = PyramidPlan(source.dimensions, tile_size, overlap)
+        mpp = source.resolve_mpp(slide_mpp)[0] if (slide_mpp is not None or source.metadata_mpp is not None) else None
+        plan = PyramidPlan(source.dimensions, tile_size, overlap, mpp, max_mpp)
         with atomic_directory(out_dir, holds=f"{DZI_NAME}.dzi") as partial:
             bar = tqdm(total=plan.tile_count, desc=f"pyramid {source_path.name}", unit="tile",
                        disable=not progress, file=sys.stderr, dynamic_ncols=True, leave=False)
@@ -84,18 +101,41 @@ def write_slide_pyramid(
                 "modality": pixels.modality,
                 "width": int(W),
                 "height": int(H),
-                "mpp": source.metadata_mpp,
+                "mpp": mpp,
                 "tile_size": tile_size,
                 "overlap": overlap,
                 "format": "jpeg",
+                "quality": quality,
                 "levels": len(plan.dims),
+                "max_level": plan.max_level,
+                "max_mpp": max_mpp,
+                "finest_mpp": None if mpp is None else mpp * plan.downsample(plan.max_level),
                 "tiles": plan.tile_count,
             }
             (partial / "pyramid.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     return out_dir
 
 
-def _check_options(source_path: Path, tile_size, overlap, quality) -> None:
+def pyramid_cap(max_mpp: float | str | None, store: str | Path | None = None,
+                slide_mpp: float | None = None) -> tuple[float | None, float | None]:
+    """``(max_mpp, slide_mpp)`` for :func:`write_slide_pyramid` from ``gapless pyramid``'s options.
+
+    ``max_mpp``: µm/px, ``"full"`` (every level: None) or None (not given: the tiles' µm/px of the
+    sample's tile ``store`` when given, else ``DEFAULT_MAX_MPP``). The store's source µm/px calibrates
+    the slide unless ``slide_mpp`` is given.
+    """
+    if store is not None:
+        from pipeline.store import open_store, store_attrs
+
+        attrs = store_attrs(open_store(store), store)
+        max_mpp = attrs.mpp if max_mpp is None else max_mpp
+        slide_mpp = attrs.source_mpp if slide_mpp is None else slide_mpp
+    if max_mpp == "full":
+        return None, slide_mpp
+    return (DEFAULT_MAX_MPP if max_mpp is None else max_mpp), slide_mpp
+
+
+def _check_options(source_path: Path, tile_size, overlap, quality, max_mpp) -> None:
     if not (isinstance(tile_size, int) and tile_size >= 16):
         raise GaplessError(source_path, f"pyramid tile size must be an integer of at least 16 px, got {tile_size!r}",
                            "use the default 254 (254 + 2 × 1 overlap = 256)")
@@ -104,17 +144,23 @@ def _check_options(source_path: Path, tile_size, overlap, quality) -> None:
                            "use the default 1")
     if not (isinstance(quality, int) and 1 <= quality <= 100):
         raise GaplessError(source_path, f"JPEG quality must be 1..100, got {quality!r}", "use the default 85")
+    if max_mpp is not None and not (isinstance(max_mpp, (int, float)) and math.isfinite(max_mpp) and max_mpp > 0):
+        raise GaplessError(source_path, f"the pyramid's finest µm/px must be a positive number, got {max_mpp!r}",
+                           f"use e.g. {DEFAULT_MAX_MPP} (or none for every level, a full-resolution copy)")
 
 
 class PyramidPlan:
-    """The Deep Zoom levels of a ``size`` (w, h) level-0 px image: sizes, tile grids, the coarse level."""
+    """The Deep Zoom levels of a ``size`` (w, h) level-0 px image: sizes, tile grids, the finest level
+    written (``max_level``: not finer than ``max_mpp`` given ``mpp`` of level 0), the coarse level."""
 
-    def __init__(self, size: tuple[int, int], tile_size: int, overlap: int):
+    def __init__(self, size: tuple[int, int], tile_size: int, overlap: int, mpp: float | None = None,
+                 max_mpp: float | None = None):
         self.tile_size, self.overlap = tile_size, overlap
         self.dims = dz_level_dimensions(*size)
         self.tiles = [dz_level_tiles(d, tile_size) for d in self.dims]
-        self.coarse = max(lv for lv, d in enumerate(self.dims) if max(d) <= COARSE_MAX_SIDE)
-        self.tile_count = sum(c * r for c, r in self.tiles)
+        self.max_level = finest_level(len(self.dims), mpp, max_mpp, tile_size, size)
+        self.coarse = min(self.max_level, max(lv for lv, d in enumerate(self.dims) if max(d) <= COARSE_MAX_SIDE))
+        self.tile_count = sum(c * r for c, r in self.tiles[: self.max_level + 1])
 
     def downsample(self, level: int) -> int:
         """Level-0 px per px of Deep Zoom ``level`` (exact: each level halves the one above, rounding up)."""
@@ -223,20 +269,18 @@ class TileWriter:
     def __init__(self, files: Path, plan: PyramidPlan, quality: int, done: Callable[[int], object]):
         self.files, self.plan, self.quality = files, plan, quality
         self._done, self._lock = done, threading.Lock()  # tiles are saved from several threads
-        for level in range(len(plan.dims)):
+        for level in range(plan.max_level + 1):
             (files / str(level)).mkdir(parents=True, exist_ok=True)
 
     def cut(self, pixels: np.ndarray, origin: tuple[int, int], level: int, cols: Sequence[int], rows: Sequence[int]) -> None:
         """Save tiles (cols × rows) of ``level`` from ``pixels`` (h×w×3 uint8), the level's pixels from
         ``origin`` (x, y) on."""
-        from PIL import Image
-
         ox, oy = origin
         for r in rows:
             for c in cols:
                 x0, y0, x1, y1 = self.plan.tile_box(level, c, r)
-                tile = Image.fromarray(pixels[y0 - oy : y1 - oy, x0 - ox : x1 - ox])
-                tile.save(self.files / str(level) / f"{c}_{r}.jpeg", "JPEG", quality=self.quality)
+                data = encode_tile(pixels[y0 - oy : y1 - oy, x0 - ox : x1 - ox], "jpeg", self.quality)
+                (self.files / str(level) / f"{c}_{r}.jpeg").write_bytes(data)
         with self._lock:
             self._done(len(cols) * len(rows))
 
@@ -295,7 +339,7 @@ def _write_fine_levels(pool, pixels: DisplayPixels, plan: PyramidPlan, tiles: Ti
         _, _, x1, y1 = plan.tile_box(level, cols[-1], rows[-1])
         tiles.cut(pixels.read_box(level, plan.downsample(level), (x0, y0, x1, y1)), (x0, y0), level, cols, rows)
 
-    jobs = [(level, cols, rows) for level in range(len(plan.dims) - 1, plan.coarse, -1)
+    jobs = [(level, cols, rows) for level in range(plan.max_level, plan.coarse, -1)
             for cols, rows in plan.blocks(level)]
     _run(pool, jobs, block)
 
@@ -311,3 +355,56 @@ def _write_coarse_levels(picture: np.ndarray, plan: PyramidPlan, tiles: TileWrit
             picture = np.asarray(image)
         cols, rows = plan.tiles[level]
         tiles.cut(picture, (0, 0), level, range(cols), range(rows))
+
+
+def encode_tile(pixels: np.ndarray, fmt: str, quality: int) -> bytes:
+    """A tile's file bytes: h×w×3 uint8 ``pixels`` as JPEG (``quality``) or PNG."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    if fmt.lower() in ("jpeg", "jpg"):
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=quality)
+    else:
+        Image.fromarray(pixels).save(buffer, fmt.upper())
+    return buffer.getvalue()
+
+
+class SourceTiles:
+    """Any Deep Zoom tile of a pyramid folder, cut from the source it was written from (``pyramid.json``)
+    through the same reads as :func:`write_slide_pyramid` (:meth:`DisplayPixels.read_box`), so every
+    format the readers know is served. Safe to share between threads: OpenSlide handles are, and other
+    sources are held in memory. Closed by :meth:`close`, or when no longer referenced.
+    """
+
+    def __init__(self, pyramid_dir: str | Path):
+        from pipeline.io import open_source
+
+        pyr = read_pyramid(pyramid_dir)
+        self.pyramid_dir = Path(pyramid_dir)
+        if not pyr.get("source"):
+            raise GaplessError(pyramid_dir, "the pyramid does not record its source (no pyramid.json)",
+                               "write it again with `gapless pyramid SLIDE --out DIR`")
+        self.source = open_source(pyr["source"], pyr.get("kind"))
+        if tuple(self.source.dimensions) != (pyr["width"], pyr["height"]):
+            self.source.close()
+            raise GaplessError(pyr["source"], f"is {self.source.dimensions[0]}×{self.source.dimensions[1]} px, not the "
+                               f"{pyr['width']}×{pyr['height']} px the pyramid {pyramid_dir} was written from",
+                               "write the pyramid again from this slide")
+        self.pixels = DisplayPixels(self.source)
+        self.plan = PyramidPlan((pyr["width"], pyr["height"]), pyr["tile_size"], pyr["overlap"])
+        self.format, self.quality = pyr["format"], pyr.get("quality") or 85
+
+    def tile(self, level: int, col: int, row: int) -> bytes:
+        """Tile (``col``, ``row``) of Deep Zoom ``level``, encoded; ``KeyError`` outside the pyramid."""
+        if not (0 <= level < len(self.plan.dims)):
+            raise KeyError(f"no Deep Zoom level {level}")
+        cols, rows = self.plan.tiles[level]
+        if not (0 <= col < cols and 0 <= row < rows):
+            raise KeyError(f"no tile {col}_{row} at level {level}")
+        box = self.plan.tile_box(level, col, row)
+        return encode_tile(self.pixels.read_box(level, self.plan.downsample(level), box), self.format, self.quality)
+
+    def close(self) -> None:
+        self.source.close()

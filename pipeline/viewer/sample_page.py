@@ -73,6 +73,7 @@ def sample_page_data(sample_id: str, pyr: dict, heads: list[dict], page_dir: Pat
             "tileSize": pyr["tile_size"],
             "overlap": pyr["overlap"],
             "format": pyr["format"],
+            "maxLevel": pyr["max_level"],  # the finest level on disk; `gapless view` serves finer ones
         },
         "heads": [_head_data(h, page_dir) for h in heads],
         "annotations": outlines,

@@ -22,7 +22,7 @@ from pipeline.files import atomic_write
 from pipeline.heatmap.document import is_number
 
 ASSETS = Path(__file__).resolve().parent.parent / "viewer_assets"  # package data: pipeline/viewer_assets/*
-ASSET_FILES = ("viewer.js", "viewer.css")
+ASSET_FILES = ("viewer.js", "index.js", "viewer.css")  # index.js: the index page's table
 ASSETS_DIR = "viewer_assets"
 
 
@@ -52,13 +52,15 @@ def copy_assets(page_dir: Path) -> None:
 
 
 def page_head(title: str, body_class: str) -> str:
-    """The start of a page, up to and including ``<body>``: charset, viewport, title, the stylesheet."""
+    """The start of a page, up to and including ``<body>``: charset, viewport, title, the stylesheet, and an
+    empty icon (served, a browser would otherwise ask for /favicon.ico)."""
     return f"""<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{html.escape(title)}</title>
+<link rel="icon" href="data:,">
 <link rel="stylesheet" href="{ASSETS_DIR}/viewer.css">
 </head>
 <body class="{body_class}">"""

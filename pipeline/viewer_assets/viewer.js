@@ -4,6 +4,11 @@
  * (written by pipeline/viewer.py) and loads the pyramid tiles and overlay PNGs by relative URLs, so it
  * works opened straight from disk (file://).
  *
+ * Levels: the pyramid folder may hold only the levels up to PYR.maxLevel (a static export capped at a
+ * µm/px); finer views show that level magnified. Served by `gapless view` (which sets
+ * window.GAPLESS_SERVER), every level up to full resolution is asked for: the server cuts the missing
+ * ones from the slide. Should it fail to, the viewer falls back to the levels on disk.
+ *
  * Coordinates: "level-0 px" (X, Y) are slide pixels at full resolution, the frame of the heatmap JSON.
  * The view is a centre (cx, cy) in level-0 px and a scale in CSS px per level-0 px, shared by every
  * pane, so side-by-side views stay in sync. Each pane is one <canvas>, drawn in device pixels.
@@ -13,8 +18,10 @@
 
   var DATA = window.GAPLESS_SAMPLE;
   if (!DATA) {
-    return; // the index page needs no script
+    return; // not a sample page (the index has its own script, index.js)
   }
+
+  function clamp(v, lo, hi) { return Math.max(lo, Math.min(hi, v)); }
 
   var PYR = DATA.pyramid;
   var HEADS = DATA.heads;
@@ -39,8 +46,12 @@
     return list.reverse();
   })();
   var MAXL = dims.length - 1;
+  // the finest level on disk; with `gapless view`, the finest one asked for is full resolution
+  var WRITTEN = typeof PYR.maxLevel === "number" ? clamp(PYR.maxLevel, 0, MAXL) : MAXL;
+  var SERVED = !!(window.GAPLESS_SERVER && window.GAPLESS_SERVER.tiles === "source");
+  var finest = SERVED ? MAXL : WRITTEN;
   var baseLevel = 0; // the finest level that fits in one tile: always drawn first, under everything
-  for (var l = 0; l <= MAXL; l++) {
+  for (var l = 0; l <= WRITTEN; l++) {
     if (dims[l][0] <= T && dims[l][1] <= T) baseLevel = l;
   }
 
@@ -69,8 +80,6 @@
 
   // ---------------------------------------------------------------------------------------------
   // small helpers
-
-  function clamp(v, lo, hi) { return Math.max(lo, Math.min(hi, v)); }
 
   function fmtNum(v) {
     if (v === null || v === undefined || !isFinite(v)) return "\u2013";
@@ -158,7 +167,13 @@
       };
     }
     img.onload = settle("ok", "loaded");
-    img.onerror = settle("error", "failed");
+    img.onerror = function () {
+      if (w.level > WRITTEN && finest > WRITTEN) {
+        finest = WRITTEN; // the server could not cut it from the slide: show the levels on disk
+        console.warn("gapless viewer: no tiles finer than level " + WRITTEN + " from the server; showing the pyramid's levels");
+      }
+      settle("error", "failed")();
+    };
     img.src = tileUrl(w.level, w.col, w.row);
   }
 
@@ -184,7 +199,7 @@
     // the coarsest level with at least one level pixel per device pixel
     var ds = 1 / s; // level-0 px per device px
     var k = ds <= 1 ? 0 : Math.floor(Math.log2(ds) + 1e-9);
-    return clamp(MAXL - k, baseLevel, MAXL);
+    return clamp(MAXL - k, baseLevel, finest);
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -453,7 +468,9 @@
     var st = $("status");
     if (!st) return;
     var s = view.scale * dpr();
-    var text = "level " + levelFor(s) + " of " + MAXL + " \u00b7 " + stats.loaded + " tiles loaded";
+    var lv = levelFor(s);
+    var text = "level " + lv + " of " + MAXL + (lv > WRITTEN ? " (cut from the slide)" : "") + " \u00b7 " + stats.loaded + " tiles loaded";
+    if (lv === finest && finest < MAXL && s > Math.pow(2, finest - MAXL)) text += " \u00b7 magnified: finer levels were not exported";
     if (loading) text += ", " + loading + " loading";
     if (stats.failed) text += ", " + stats.failed + " failed";
     if (DATA.mpp) text += " \u00b7 1 screen px = " + fmtNum(DATA.mpp / view.scale) + " \u00b5m";
@@ -894,7 +911,8 @@
       cache.forEach(function (e) { if (e.state === "ok") levels[e.level] = (levels[e.level] || 0) + 1; });
       return {
         loaded: stats.loaded, failed: stats.failed, loading: loading, cached: cache.size,
-        level: levelFor(view.scale * dpr()), maxLevel: MAXL, levels: levels
+        level: levelFor(view.scale * dpr()), maxLevel: MAXL, written: WRITTEN, finest: finest, served: SERVED,
+        levels: levels
       };
     }
   };

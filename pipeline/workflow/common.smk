@@ -60,6 +60,7 @@ os.environ.setdefault("GAPLESS_SOURCE", str(workflow.basedir))
 # A sample id names its files, so the wildcard only ever matches a sample id (the sheet's rule).
 wildcard_constraints:
     sample=SAMPLE_ID_PATTERN,
+    batch=r"(?:[A-Za-z0-9]+-)?image-\d+",
     kind=r"slide|image",
     cohort=r"(?:[A-Za-z0-9]+-)?(?:slide|image)",
     head=r"[a-z0-9_]+",
@@ -138,7 +139,8 @@ def final_outputs():
     """What `snakemake` with no target makes."""
     outputs = [f"{TILES}/qc.tsv", *trained_models()]
     if mapped_samples():
-        outputs += [f"{HEATMAPS}/index.html", f"{REPORT}/report.md"]
+        outputs += [f"{REPORT}/report.md", f"{HEATMAPS}/index.html"]  # the index lists every mapped sample
+        outputs += [f"{HEATMAPS}/qupath/{sample_id}.geojson" for sample_id in paged_samples()]
     return outputs
 
 
@@ -197,8 +199,52 @@ def tile_options(wildcards):
     return shlex.join(options)
 
 
+# Cell images are tiled many per job into a batch store (tiling.batch of them, in sheet order per
+# cohort): planning and start-up scale with batches, not with fields; slides are one job each.
+
+
+def make_batches():
+    """batch id (`image-00001`, `w01-image-00001` in a sweep) → the sample ids it tiles."""
+    members = {}
+    for sample_id, sample in SAMPLES.items():
+        if sample.kind == "image":
+            members.setdefault(cohort_of(sample_id), []).append(sample_id)
+    size = config["tiling"]["batch"]
+    return {f"{cohort}-{k // size + 1:05d}": ids[k : k + size] for cohort, ids in members.items()
+            for k in range(0, len(ids), size)}
+
+
+def sample_tiles(sample_id):
+    """What a sample's tiles are known by: its store (a slide), or its batch's manifest (a cell image)."""
+    if SAMPLES[sample_id].kind == "image":
+        return f"{TILES}/batches/{SAMPLE_BATCH[sample_id]}.json"
+    return f"{TILES}/{sample_id}.zarr"
+
+
 def tile_stores(wildcards):
-    return [f"{TILES}/{sample_id}.zarr" for sample_id in SAMPLES]
+    return sorted({sample_tiles(sample_id) for sample_id in SAMPLES})
+
+
+def batch_sources(wildcards):
+    return [str(SAMPLES[sample_id].path) for sample_id in BATCHES[wildcards.batch]]
+
+
+def batch_annotations(wildcards):
+    return [str(SAMPLES[s].annotations) for s in BATCHES[wildcards.batch] if SAMPLES[s].annotations is not None]
+
+
+def batch_sheet(wildcards):
+    return dataset_sheet(SAMPLE_DATASET[BATCHES[wildcards.batch][0]])
+
+
+def batch_ids(wildcards):
+    return shlex.join(BATCHES[wildcards.batch])
+
+
+def image_settings(wildcards):
+    """The `tiling` section with the cell images' grid, as `gapless tile-batch --settings` JSON."""
+    tiling = config["tiling"]
+    return settings_json(TileSettings, {**tiling, **tiling["image"]})
 
 
 # training -----------------------------------------------------------------------------------------
@@ -217,6 +263,10 @@ def split_cohort(cohort):
     """'w01-slide' → ('w01', 'slide'); 'slide' → ('', 'slide')."""
     name, _, kind = cohort.rpartition("-")
     return name, kind
+
+
+BATCHES = make_batches()
+SAMPLE_BATCH = {sample_id: batch for batch, ids in BATCHES.items() for sample_id in ids}
 
 
 @functools.cache
@@ -251,7 +301,7 @@ def cohort_kind(wildcards):
 
 
 def cohort_stores(wildcards):
-    return [f"{TILES}/{sample_id}.zarr" for sample_id in SAMPLES if cohort_of(sample_id) == wildcards.cohort]
+    return sorted({sample_tiles(s) for s in SAMPLES if cohort_of(s) == wildcards.cohort})
 
 
 def run_folder(wildcards, output):
@@ -296,23 +346,28 @@ def train_settings(wildcards):
 
 @functools.cache
 def mapped_samples():
-    """Samples whose cohort has trained models: each gets heatmaps and a viewer page."""
+    """Samples whose cohort has trained models: each gets heatmaps."""
     trained = set(cohorts())
     return [sample_id for sample_id in SAMPLES if cohort_of(sample_id) in trained]
 
 
-def heatmap_weights(wildcards):
-    cohort = cohort_of(wildcards.sample)
-    return [f"{MODELS}/{cohort}/{wildcards.head}/seed{seed}/weights.safetensors" for seed in config["train"]["seeds"]]
+def heatmap_manifest(cohort, head, seed):
+    """A model's heatmaps over its cohort are listed (files, scores) by one manifest."""
+    return f"{HEATMAPS}/manifests/{head}/seed{seed}/{cohort}.json"
 
 
-def heatmap_model_options(wildcards):
-    """`--model RUN --out DIR` per seed: every seed's map is scored; the viewer shows one."""
-    options = []
-    for weights in heatmap_weights(wildcards):
-        seed_folder = os.path.basename(os.path.dirname(weights))
-        options += ["--model", os.path.dirname(weights), "--out", f"{HEATMAPS}/{wildcards.head}/{seed_folder}"]
-    return shlex.join(options)
+def heatmap_manifests():
+    return [heatmap_manifest(c, h, s) for c in cohorts() for h in config["train"]["heads"] for s in config["train"]["seeds"]]
+
+
+def heatmap_run(wildcards, input):
+    """The model's run folder, from its weights (a function, so the linter sees no path in params)."""
+    return os.path.dirname(input.weights)
+
+
+def heatmap_folder(wildcards, output):
+    """results/heatmaps/{head}/seed{seed}: where the model's per-sample heatmaps go."""
+    return f"{HEATMAPS}/{wildcards.head}/seed{wildcards.seed}"
 
 
 HEATMAP_SETTINGS = settings_json(HeatmapSettings, config["heatmaps"])
@@ -330,15 +385,39 @@ def viewer_seed():
     return config["train"]["seeds"][0] if seed is None else seed
 
 
-def page_heatmaps(wildcards):
-    return [f"{HEATMAPS}/{head}/seed{viewer_seed()}/{wildcards.sample}.json" for head in config["train"]["heads"]]
+@functools.cache
+def paged_samples():
+    """The samples with a viewer page: every mapped sample (heatmaps.pages: all), or those of the
+    viewer seed's test split (test); at most heatmaps.max_pages of them, in sheet order."""
+    mapped = mapped_samples()
+    if config["heatmaps"]["pages"] == "test":
+        from pipeline.splits import check_split
+
+        test = set()
+        for cohort in cohorts():
+            members = [SAMPLES[s] for s in mapped if cohort_of(s) == cohort]
+            assignment = check_split(members, viewer_seed(), config["train"]["split"], config["classes"]).assignment
+            test |= {s for s, split in assignment.items() if split == "test"}
+        mapped = [s for s in mapped if s in test]
+    limit = config["heatmaps"]["max_pages"]
+    return mapped if limit is None else mapped[:limit]
+
+
+def page_manifests(wildcards):
+    cohort = cohort_of(wildcards.sample)
+    return [heatmap_manifest(cohort, head, viewer_seed()) for head in config["train"]["heads"]]
+
+
+def sample_heatmaps(wildcards):
+    """The heatmap JSON of each head for a sample (written by its model's heatmap job), shell-quoted."""
+    return shlex.join(f"{HEATMAPS}/{head}/seed{viewer_seed()}/{wildcards.sample}.json" for head in config["train"]["heads"])
 
 
 def page_options(wildcards):
     sample = SAMPLES[wildcards.sample]
     options = []
-    for path in page_heatmaps(wildcards):
-        options += ["--heatmap", path]
+    for head in config["train"]["heads"]:
+        options += ["--heatmap", f"{HEATMAPS}/{head}/seed{viewer_seed()}/{wildcards.sample}.json"]
     if sample.annotations is not None:
         options += ["--annotations", str(sample.annotations)]
     options += ["--info", f"label={sample.label}", "--info", f"kind={sample.kind}"]
@@ -347,8 +426,50 @@ def page_options(wildcards):
     return shlex.join(options)
 
 
+def pyramid_options(wildcards):
+    """The static pyramid stops at the tiles' µm/px (`gapless view` serves the slide's full resolution)."""
+    kind = SAMPLES[wildcards.sample].kind
+    return shlex.join(["--kind", kind, "--max-mpp", str(config["tiling"][kind]["mpp"])])
+
+
 def page_summaries(wildcards):
-    return [f"{HEATMAPS}/pages/{sample_id}.json" for sample_id in mapped_samples()]
+    return [f"{HEATMAPS}/pages/{sample_id}.json" for sample_id in paged_samples()]
+
+
+# The index lists every mapped sample (the viewer seed's manifests: one per head and cohort) and links
+# the paged ones. It finds their summaries in their folder: naming 10^5 of them would overflow the
+# command line (a shell command is one argument, at most 128 KiB on Linux).
+
+
+def index_manifests(wildcards):
+    return [heatmap_manifest(cohort, head, viewer_seed()) for cohort in cohorts() for head in config["train"]["heads"]]
+
+
+def index_sheets(wildcards):
+    """The sample sheets of the mapped cohorts: each sample's label, group and kind in the index."""
+    return sorted({dataset_sheet(split_cohort(cohort)[0]) for cohort in cohorts()})
+
+
+def pages_note():
+    """How the paged samples were chosen, in words, for the index."""
+    pages, limit = config["heatmaps"]["pages"], config["heatmaps"]["max_pages"]
+    if pages == "test":
+        note = f"the samples of seed {viewer_seed()}'s test split (heatmaps.pages: test)"
+    else:
+        note = "every mapped sample (heatmaps.pages: all)"
+    if limit is not None:
+        note += f", at most {limit} in sheet order (heatmaps.max_pages: {limit})"
+    return note
+
+
+def index_options(wildcards, input):
+    """`gapless index` flags: the manifests and sheets (from the rule's input), the summaries' folder, the note."""
+    options = ["--pages", f"{HEATMAPS}/pages", "--pages-note", pages_note()]
+    for manifest in input.manifests:
+        options += ["--manifest", manifest]
+    for sheet in input.sheets:
+        options += ["--samples", sheet]
+    return shlex.join(options)
 
 
 # compare (the report) -------------------------------------------------------------------------------------------
@@ -357,16 +478,6 @@ def page_summaries(wildcards):
 def report_folder(wildcards, output):
     """results/report, from an output's path (a function, so the linter sees no path in params)."""
     return os.path.dirname(output.summary)
-
-
-def scored_heatmaps():
-    """Every heatmap of every seed: their scores are in MLflow before the report reads it."""
-    return [
-        f"{HEATMAPS}/{head}/seed{seed}/{sample_id}.json"
-        for head in config["train"]["heads"]
-        for seed in config["train"]["seeds"]
-        for sample_id in mapped_samples()
-    ]
 
 
 def report_heatmap_options(wildcards):

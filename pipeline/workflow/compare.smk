@@ -6,7 +6,7 @@ rule compare:
     input:
         comparison=ancient(COMPARISON),
         metrics=trained_models(),
-        heatmaps=scored_heatmaps(),
+        heatmaps=heatmap_manifests(),  # every seed's scores are in MLflow before the report reads it
     output:
         summary=report(f"{REPORT}/summary.tsv", caption="report/summary.rst", category="Comparison"),
         paired=report(f"{REPORT}/paired.tsv", caption="report/paired.rst", category="Comparison"),

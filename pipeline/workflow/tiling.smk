@@ -1,4 +1,5 @@
-# Tiling: one zarr store of tiles per sample on a µm/px grid, then one QC table over all stores.
+# Tiling: a zarr store of tiles per slide (one job each), cell images many per job into a batch store
+# (tiling.batch per job), then one QC table over all samples.
 
 
 rule tile:
@@ -21,6 +22,29 @@ rule tile:
     shell:
         "gapless tile {input.source:q} --out {output:q} --kind {params.kind} --settings {params.settings:q}"
         " --workers {threads} {params.options} > {log:q} 2>&1"
+
+
+rule tile_batch:
+    input:
+        sources=batch_sources,
+        annotations=batch_annotations,
+        sheet=batch_sheet,
+    output:
+        store=directory(f"{TILES}/batches/{{batch}}.zarr"),
+        manifest=f"{TILES}/batches/{{batch}}.json",
+    params:
+        ids=batch_ids,
+        settings=image_settings,
+    threads: 1
+    resources:
+        mem_mb=4000,
+    log:
+        f"{LOGS}/tile_batch/{{batch}}.log",
+    conda:
+        "../../envs/gapless.yaml"
+    shell:
+        "gapless tile-batch --samples {input.sheet:q} --ids {params.ids} --out {output.store:q}"
+        " --manifest {output.manifest:q} --settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule tiles_qc:

@@ -1,0 +1,302 @@
+"""What each ``gapless`` sub-command does: one ``_run_<command>(args)`` each, a thin call into the library."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from pipeline.errors import GaplessError
+from pipeline.files import atomic_write_text, outputs
+from pipeline.settings import HeatmapSettings, settings_from_args
+
+log = logging.getLogger("gapless")
+
+
+def _run_demo(args) -> None:
+    from pipeline.demo import DemoSettings, generate
+
+    settings = settings_from_args(DemoSettings, args)
+    t0 = time.perf_counter()
+    sheet = generate(args.out, settings, progress=not args.quiet, id_prefix=args.id_prefix)
+    n = settings.slides + settings.images
+    print(f"demo: {n} samples ({settings.slides} slides, {settings.images} fields) in {time.perf_counter() - t0:.1f} s; sample sheet {sheet}")
+
+
+def _run_tile(args) -> None:
+    from pipeline.tiling import TileSettings, tile_source
+
+    settings = settings_from_args(TileSettings, args)
+    result = tile_source(args.input, args.out, settings, workers=args.workers, overwrite=args.overwrite, progress=not args.quiet)
+    print(result.summary())
+
+
+def _run_tile_batch(args) -> None:
+    from pipeline.samples import load_sample_sheet
+    from pipeline.tiling import TileSettings
+    from pipeline.tiling.batch import tile_batch
+
+    settings = settings_from_args(TileSettings, args)
+    by_id = {s.sample_id: s for s in load_sample_sheet(args.samples)}
+    missing = [i for i in args.ids if i not in by_id]
+    if missing:
+        raise GaplessError(args.samples, f"no sample {', '.join(map(repr, missing[:5]))} in the sheet",
+                           "pass ids of the sheet's samples")
+    result = tile_batch([by_id[i] for i in args.ids], args.out, args.manifest, settings, progress=not args.quiet)
+    print(result.summary())
+
+
+def _run_info(args) -> None:
+    from pipeline.store import store_info
+
+    print(json.dumps(store_info(args.store, verify=args.verify, sample_id=args.sample), indent=2, ensure_ascii=False))
+
+
+def _run_qc(args) -> None:
+    from pipeline.qc import write_qc_table
+
+    rows = write_qc_table(args.stores, args.out)
+    flagged = [r for r in rows if r["qc_flag"]]
+    for r in flagged:
+        print(f"qc: flagged: {r['sample']}: {r['qc_flag']}")
+    print(f"qc: {len(rows)} samples, {sum(r['tiles'] for r in rows)} tiles, {len(flagged)} flagged -> {args.out}"
+          + ("; training refuses flagged stores with tiles unless train.accept_flagged is true" if flagged else ""))
+
+
+def _run_bench(args) -> None:
+    if args.bench == "cohort":
+        from pipeline.bench.cohort import bench_cohort
+
+        bench_cohort(args.fields, args.timed_fields, args.out, args.snakefile, plan=not args.no_plan)
+    elif args.bench == "heads":
+        from pipeline.bench.heads import bench_heads
+
+        bench_heads(backbone=args.backbone, image_size=args.image_size, batch_size=args.batch_size, heads=args.heads,
+                    steps=args.steps, warmup=args.warmup, device=args.device, channels=args.channels, store=args.store,
+                    loader_workers=args.loader_workers, loader_batches=args.loader_batches)
+    else:
+        from pipeline.bench.tiling import bench_tiling
+        from pipeline.tiling import TileSettings
+
+        grid = settings_from_args(TileSettings, args)
+        bench_tiling(
+            args.slide, mpp=grid.mpp, tile_size=grid.tile_size, stride=grid.stride, slide_mpp=grid.slide_mpp,
+            kind=grid.kind, workers=args.workers, repeat=args.repeat, codec=grid.codec, quality=grid.quality,
+        )
+
+
+def _run_mlflow_setup(args) -> None:
+    from pipeline.tracking import setup_comparison
+
+    info = setup_comparison(args.experiment, args.tracking_uri, args.results, args.run_name, args.config)
+    atomic_write_text(args.out, json.dumps(info, indent=2) + "\n")
+    print(f"mlflow: experiment {args.experiment!r} ({info['experiment_id']}) at {info['tracking_uri']}, "
+          f"comparison run {info['parent_run_id']} -> {args.out}")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise GaplessError(path, "file not found", "check the path") from None
+    except json.JSONDecodeError as exc:
+        raise GaplessError(path, f"not valid JSON ({exc})", "pass the JSON file written by the pipeline") from None
+
+
+def _comparison(path: Path) -> dict:
+    """The file `gapless mlflow-setup` wrote: tracking_uri, experiment_id, parent_run_id."""
+    info = _read_json(path)
+    missing = [k for k in ("tracking_uri", "experiment_id", "parent_run_id") if not info.get(k)]
+    if missing:
+        raise GaplessError(path, f"not a comparison file (no {', '.join(missing)})", "pass the JSON written by `gapless mlflow-setup`")
+    return info
+
+
+def _key_values(items: list[str], flag: str, example: str) -> dict[str, str]:
+    """``["a=1", "b=2"]`` → ``{"a": "1", "b": "2"}``; a malformed item is an error naming ``flag``."""
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise GaplessError(None, f"{flag} {item!r} is not KEY=VALUE", f"write e.g. {flag} {example}")
+        pairs[key] = value
+    return pairs
+
+
+def _run_train(args) -> None:
+    from pipeline.device import resolve_device
+    from pipeline.train import train_cohort
+    from pipeline.train_settings import TrainSettings
+
+    settings = settings_from_args(TrainSettings, args)
+    resolve_device(settings.device)  # a missing GPU stops here, before the MLflow store is touched
+    settings.validate()  # a bad value stops here, before the MLflow store is touched
+    comparison = _comparison(args.comparison) if args.comparison else None
+
+    def connect() -> tuple[str, str, str | None]:
+        """The tracking store, opened only once the data has passed its checks."""
+        if comparison:
+            return comparison["tracking_uri"], comparison["experiment_id"], comparison["parent_run_id"]
+        from pipeline.tracking import artifact_root, prepare_tracking, tracking_uri
+
+        uri = tracking_uri(args.tracking_uri)
+        return uri, prepare_tracking(uri, args.experiment, artifact_root()), None
+
+    t0 = time.perf_counter()
+    metrics = train_cohort(args.samples, args.tiles, args.classes, settings, args.out, config=args.config,
+                           progress=not args.quiet, connect=connect)
+    shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("test_auroc", "test_balanced_accuracy", "test_sample_auroc_max")
+                      if k in metrics)
+    print(f"train: {settings.head} seed {settings.seed} on {settings.kind}s: {shown} in {time.perf_counter() - t0:.0f} s; "
+          f"MLflow run {metrics['run_id']} -> {args.out}")
+
+
+def _sample_id(sample_id: str | None) -> str | None:
+    """``sample_id`` once it passes the sample sheet's rule (it names output files)."""
+    from pipeline.samples import check_sample_id
+
+    problem = None if sample_id is None else check_sample_id(sample_id)
+    if problem:
+        raise GaplessError(None, problem, "use the sample's id from the sample sheet")
+    return sample_id
+
+
+def _run_heatmap(args) -> None:
+    from pipeline.heatmap import heatmap_sample
+
+    _sample_id(args.sample)
+    if len(args.model) != len(args.out):
+        raise GaplessError(None, f"{len(args.model)} --model but {len(args.out)} --out", "give one --out per --model")
+    if (args.store is None) == (args.samples is None):
+        raise GaplessError(None, "give a tile store, or --samples (and --tiles) for a cohort", "not both, not neither")
+    uri = _comparison(args.comparison)["tracking_uri"] if args.comparison else args.tracking_uri
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    settings = settings_from_args(HeatmapSettings, args)
+    if args.samples is not None:
+        return _run_heatmap_cohort(args, settings, uri)
+    for run_dir, out in zip(args.model, args.out):
+        t0 = time.perf_counter()
+        result = heatmap_sample(args.store, run_dir, out, sample_id=args.sample, normalisation=settings.normalisation,
+                                annotations=args.annotations, positive_classes=tuple(args.positive_class),
+                                batch_size=settings.batch_size, tracking_uri=uri, progress=not args.quiet, device=args.device)
+        for head, r in result.items():
+            scores = ", ".join(f"{k} {v:.3f}" for k, v in r["scores"].items() if isinstance(v, float))
+            print(f"heatmap: {head} ({run_dir}) on {args.store.name}: {r['tiles']} tiles, {r['canvas'][1]}×{r['canvas'][0]} "
+                  f"cells of {r['cell_size']:.0f} px{'; ' + scores if scores else ''} in {time.perf_counter() - t0:.1f} s -> {r['json']}")
+
+
+def _run_heatmap_cohort(args, settings, uri) -> None:
+    """``gapless heatmap --samples SHEET --tiles DIR``: one model over every sample of a cohort."""
+    from pipeline.heatmap.run import heatmap_cohort
+    from pipeline.samples import load_sample_sheet, with_kinds
+    from pipeline.store import find_sample_store, sample_stores
+
+    if args.tiles is None or len(args.model) != 1:
+        raise GaplessError(args.samples, "a cohort takes --tiles and exactly one --model and --out",
+                           "e.g. --samples S.csv --tiles results/tiles --model RUN --out DIR")
+    samples = with_kinds(load_sample_sheet(args.samples), args.samples)
+    index, stores, missing = sample_stores(args.tiles), {}, []
+    for s in samples:
+        if args.kind is None or s.kind == args.kind:
+            store = find_sample_store(args.tiles, s.sample_id, index)
+            stores[s.sample_id] = store
+            missing += [s.sample_id] if store is None else []
+    if missing:
+        raise GaplessError(args.tiles, f"no tile store for {len(missing)} sample(s), e.g. {', '.join(missing[:3])}",
+                           "tile them first (the workflow's tile and tile_batch jobs)")
+    t0 = time.perf_counter()
+    doc = heatmap_cohort(args.model[0], stores, args.out[0], args.manifest, settings.normalisation,
+                         tuple(args.positive_class), settings.batch_size, uri, progress=not args.quiet, device=args.device)
+    seconds = time.perf_counter() - t0
+    print(f"heatmap: {doc['head']} ({args.model[0]}) on {len(stores)} samples in {seconds:.1f} s "
+          f"({len(stores) / max(seconds, 1e-9):.1f} samples/s) -> {args.out[0]}")
+
+
+def _run_report(args) -> None:
+    from pipeline.report import DEFAULT_SETTING_KEYS, write_report
+
+    uri, parent = args.tracking_uri, args.parent_run_id
+    if args.comparison:
+        info = _comparison(args.comparison)
+        uri, parent = uri or info["tracking_uri"], parent or info["parent_run_id"]
+    if not uri or not parent:
+        raise GaplessError(None, "no tracking URI or comparison run", "pass --comparison, or --tracking-uri and --parent-run-id")
+    pngs = _key_values(args.heatmap, "--heatmap", "gap=results/heatmaps/gap/seed0/S1.png")
+    result = write_report(uri, parent, args.out, pngs or None, tuple(args.setting_key or DEFAULT_SETTING_KEYS),
+                          log_mlflow=not args.no_mlflow)
+    print(f"report: {len(result['summary'])} setting × head rows, {len(result['paired'])} paired comparisons, "
+          f"{len(result['skipped'])} skipped runs -> {args.out}")
+
+
+def _run_pyramid(args) -> None:
+    from pipeline.viewer import write_slide_pyramid
+    from pipeline.viewer.deepzoom import pyramid_summary
+    from pipeline.viewer.pyramid import pyramid_cap
+
+    max_mpp, slide_mpp = pyramid_cap(args.max_mpp, args.store, args.slide_mpp)
+    t0 = time.perf_counter()
+    out = write_slide_pyramid(args.source, args.out, kind=args.kind, progress=not args.quiet, workers=args.workers,
+                              max_mpp=max_mpp, slide_mpp=slide_mpp)
+    print(f"pyramid: {args.source} -> {out}: {pyramid_summary(out, capped=max_mpp is not None)} in "
+          f"{time.perf_counter() - t0:.1f} s")
+
+
+def _run_page(args) -> None:
+    from pipeline.viewer import write_sample_page
+
+    _sample_id(args.sample)
+    info = _key_values(args.info, "--info", "label=positive")
+    with outputs():  # the page and its summary appear together
+        summary = write_sample_page(args.out, args.sample, args.pyramid, args.heatmap, annotations=args.annotations,
+                                    info=info or None)
+        atomic_write_text(args.summary, json.dumps({"sample": args.sample, "page": str(args.out), **summary}, indent=2) + "\n")
+    print(f"page: {args.sample} with {len(args.heatmap)} head(s) -> {args.out}")
+
+
+def _run_view(args) -> None:
+    from pipeline.viewer import serve
+
+    def ready(url: str) -> None:
+        print(f"view: serving {args.root} at {url} (127.0.0.1 only; slides' full resolution cut on demand); Ctrl-C stops",
+              flush=True)
+
+    try:
+        serve(args.root, port=args.port, verbose=args.verbose, ready=ready)
+    except KeyboardInterrupt:
+        print("view: stopped", flush=True)
+
+
+def _run_qupath(args) -> None:
+    from pipeline.qupath import write_qupath_geojson
+
+    result = write_qupath_geojson(args.heatmaps, args.out)
+    print(f"qupath: {result['sample']}: {result['tiles']} tiles, a measurement per head ({', '.join(result['heads'])}) "
+          f"-> {result['path']}")
+
+
+def _run_index(args) -> None:
+    from pipeline.viewer import index_table, sheet_info, write_index_table
+
+    if not args.summaries and not args.manifest and args.pages is None:
+        raise GaplessError(args.out, "nothing to index", "pass heatmap manifests (--manifest), page summaries, or both")
+    t0 = time.perf_counter()
+    pages = []
+    for path in args.summaries:
+        summary = _read_json(path)
+        if "sample" not in summary or "page" not in summary:
+            raise GaplessError(path, "not a page summary (no 'sample' or 'page')", "pass the --summary files of `gapless page`")
+        pages.append((summary.pop("sample"), summary.pop("page"), summary))
+    table = index_table(args.out, pages, manifests=args.manifest, summaries_dir=args.pages,
+                        sample_info=sheet_info(args.samples) if args.samples else None)
+    out = write_index_table(args.out, table, args.title, args.pages_note)
+    print(f"index: {len(table.samples):,} samples ({table.paged:,} with a page), {len(table.heads)} heads -> {out} "
+          f"({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
+
+
+COMMANDS = {"demo": _run_demo, "tile": _run_tile, "tile-batch": _run_tile_batch, "info": _run_info, "qc": _run_qc, "mlflow-setup": _run_mlflow_setup,
+            "train": _run_train, "heatmap": _run_heatmap, "pyramid": _run_pyramid, "page": _run_page,
+            "index": _run_index, "view": _run_view, "qupath": _run_qupath, "report": _run_report, "bench": _run_bench}

@@ -75,6 +75,11 @@ def _run_bench(args) -> None:
         bench_heads(backbone=args.backbone, image_size=args.image_size, batch_size=args.batch_size, heads=args.heads,
                     steps=args.steps, warmup=args.warmup, device=args.device, channels=args.channels, store=args.store,
                     loader_workers=args.loader_workers, loader_batches=args.loader_batches)
+    elif args.bench == "slide":
+        from pipeline.bench.slide import bench_slide
+
+        bench_slide(args.sizes, mpp=args.mpp, tile_mpp=args.tile_mpp, tile_size=args.tile_size,
+                    pyramid_mpp=args.pyramid_mpp, view_requests=args.view_requests, out=args.out)
     else:
         from pipeline.bench.tiling import bench_tiling
         from pipeline.tiling import TileSettings

@@ -243,6 +243,17 @@ def _add_bench(sub) -> None:
     b.add_argument("--out", type=Path, default=None, help="keep the simulated cohort here (default: a temporary folder)")
     b.add_argument("--snakefile", type=Path, default=None, help="the workflow (default: this checkout's Snakefile)")
     b.add_argument("--no-plan", action="store_true", help="skip planning (snakemake -n)")
+    b = bench.add_parser("slide", help="a real-size synthetic slide (50,000 × 40,000 px): tiling, heatmap, pyramid "
+                                       "and viewer time and peak memory, at two sizes")
+    b.add_argument("--sizes", type=_size, nargs="+", default=[(50_000, 40_000), (35_355, 28_284)], metavar="WxH",
+                   help="slide sizes in level-0 px (default 50000x40000 35355x28284: half the area)")
+    b.add_argument("--mpp", type=float, default=0.25, help="the slides' µm/px at level 0 (default 0.25, a 40× scan)")
+    b.add_argument("--tile-mpp", type=float, default=None, help="the tiles' µm/px (default: --mpp, level 0)")
+    b.add_argument("--tile-size", type=positive_int, default=224, help="tile edge, px (default 224)")
+    b.add_argument("--pyramid-mpp", type=float, default=1.0, help="the static pyramid's finest µm/px (default 1)")
+    b.add_argument("--view-requests", type=positive_int, default=400,
+                   help="full-resolution tiles asked of `gapless view` (default 400)")
+    b.add_argument("--out", type=Path, default=None, help="keep the slides and outputs here (default: a temporary folder)")
 
 
 def _max_mpp(text: str) -> float | str:

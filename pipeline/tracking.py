@@ -290,7 +290,9 @@ def setup_comparison(experiment: str, configured_uri: str | None = None, results
     to it later); its params are the resolved ``config``, flattened.
     """
     uri = tracking_uri(configured_uri, results)
-    experiment_id = prepare_tracking(uri, experiment, artifact_root(results))
+    # a server keeps a new experiment's artifacts itself (uploaded through it); a local file backend, here
+    local = uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
+    experiment_id = prepare_tracking(uri, experiment, artifact_root(results) if local else None)
     parent = RunLogger.start(uri, experiment_id, run_name, tags={TAG_ROLE: ROLE_COMPARISON})
     if config:
         parent.params(flatten(config))

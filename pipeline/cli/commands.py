@@ -302,6 +302,16 @@ def _run_index(args) -> None:
           f"({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
 
 
+def _run_tracking_server(args) -> None:
+    from pipeline.cluster import serve_tracking
+
+    code = serve_tracking(args.results, args.host, args.port, args.workers)
+    if code:
+        raise GaplessError(args.results, f"mlflow server exited with status {code}",
+                           "read its messages above (a port in use: pass another --port)")
+
+
 COMMANDS = {"demo": _run_demo, "tile": _run_tile, "tile-batch": _run_tile_batch, "info": _run_info, "qc": _run_qc, "mlflow-setup": _run_mlflow_setup,
+            "tracking-server": _run_tracking_server,
             "train": _run_train, "heatmap": _run_heatmap, "pyramid": _run_pyramid, "page": _run_page,
             "index": _run_index, "view": _run_view, "qupath": _run_qupath, "report": _run_report, "bench": _run_bench}

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gapless {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_tile, _add_tile_batch, _add_info, _add_qc, _add_mlflow_setup, _add_train, _add_heatmap, _add_pyramid,
+    for add in (_add_demo, _add_tile, _add_tile_batch, _add_info, _add_qc, _add_mlflow_setup, _add_tracking_server, _add_train, _add_heatmap, _add_pyramid,
                 _add_page, _add_index, _add_view, _add_qupath, _add_report, _add_bench):
         add(sub)
     return parser
@@ -97,6 +97,18 @@ def _add_mlflow_setup(sub) -> None:
     p.add_argument("--run-name", default="comparison", help="name of the parent run (default comparison)")
     p.add_argument("--config", type=json_object, default=None, help="the resolved config as JSON text, logged as the parent run's params")
     p.add_argument("--out", type=Path, required=True, help="JSON written with tracking_uri, experiment_id, parent_run_id")
+
+
+def _add_tracking_server(sub) -> None:
+    p = sub.add_parser("tracking-server", help="serve the project's MLflow backend to jobs on other nodes (a cluster)",
+                       description="Runs `mlflow server` on <results>/mlflow.db with artifacts under <results>/mlartifacts "
+                                   "(uploaded through the server), after creating the database's schema once; prints "
+                                   "the URI every job must have (export MLFLOW_TRACKING_URI=...).")
+    p.add_argument("--results", type=Path, default=Path("results"), help="results folder (default results)")
+    p.add_argument("--host", default="0.0.0.0", help="interface to listen on (default 0.0.0.0: every node can reach it; "
+                                                     "127.0.0.1: this machine only)")
+    p.add_argument("--port", type=positive_int, default=5000, help="port (default 5000)")
+    p.add_argument("--workers", type=positive_int, default=4, help="server worker processes (default 4)")
 
 
 def _add_train(sub) -> None:

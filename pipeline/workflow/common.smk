@@ -523,6 +523,20 @@ def check_splits():
 check_splits()
 
 
+# start ----------------------------------------------------------------------------------------------
+
+
+onstart:
+    # jobs on other nodes (the SLURM profile): a tracking server, not a SQLite file; the profile's variables set
+    from pipeline.cluster import check_cluster_run, default_resource_args
+    from pipeline.errors import GaplessError
+
+    try:
+        check_cluster_run(workflow.non_local_exec, config, RESULTS, COMPARISON, default_resource_args(workflow))
+    except GaplessError as exc:
+        raise WorkflowError(f"gapless: {exc.message}") from None
+
+
 # failure --------------------------------------------------------------------------------------------
 
 

@@ -4,7 +4,9 @@
 Pixels stay in the tile stores (``results/tiles/{sample}.zarr``, see :mod:`pipeline.tiling`); what is
 held in memory is a :class:`TileTable` of small arrays (store, tile index, label, coords per tile).
 A :class:`TileDataset` opens the stores lazily in each DataLoader worker process and reads one tile
-(one zarr chunk) per item.
+(one chunk, :class:`pipeline.tile_reader.TileReader`) per item. The workers only read and decode: a
+batch leaves them as raw tiles (B×T×T×C, the store's dtype), and :class:`DeviceBatches` moves it to
+the training device, where a :class:`pipeline.augment.TileTransform` augments and normalises it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,6 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from pipeline.augment import seed_transform
 from pipeline.errors import GaplessError
 from pipeline.io import same_mpp
 from pipeline.samples import Sample
@@ -36,6 +36,7 @@ __all__ = [
     "TileDataset",
     "balanced_sampler",
     "make_loader",
+    "DeviceBatches",
     "data_fingerprint",
 ]
 
@@ -226,18 +227,19 @@ def channel_normalisation(table: TileTable) -> tuple[list[float], list[float]]:
 
 
 class TileDataset(torch.utils.data.Dataset):
-    """Item i: (C×H×W float32 tensor, tile label int64, sample index int64) of tile i of ``table``.
+    """Item i: (tile, tile label int64, sample index int64) of tile i of ``table``.
 
-    The sample index indexes ``table.sample_ids``. Zarr stores are opened on first use in each
-    process (never shared across processes: a fork is detected by pid), and reading one tile reads
-    one chunk of its shard. ``transform``: an albumentations pipeline (:func:`build_transforms`)
-    returning H×W×C float32; ``None`` returns the raw values as float32.
+    The tile is the raw T×T×C tensor in the store's dtype (what the loader's workers hand on; a
+    ``TileTransform`` makes the model's input of a batch of them), or with ``transform`` that
+    transform's output for it alone, C×S×S float32 (e.g. the evaluation transform, for a few tiles
+    outside a loader). The sample index indexes ``table.sample_ids``. Stores are opened on first use
+    in each process (never shared across processes: a fork is detected by pid).
     """
 
     def __init__(self, table: TileTable, transform=None):
         self.table = table
         self.transform = transform
-        self._arrays: dict[int, object] = {}
+        self._readers: dict[int, object] = {}
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -245,18 +247,18 @@ class TileDataset(torch.utils.data.Dataset):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_arrays"] = {}
+        state["_readers"] = {}
         return state
 
-    def _tiles(self, k: int):
+    def _reader(self, k: int):
         if self._pid != os.getpid():  # a forked worker: handles from the parent are not used
-            self._arrays, self._pid = {}, os.getpid()
-        arr = self._arrays.get(k)
-        if arr is None:
-            import zarr
+            self._readers, self._pid = {}, os.getpid()
+        reader = self._readers.get(k)
+        if reader is None:
+            from pipeline.tile_reader import TileReader
 
-            arr = self._arrays[k] = zarr.open_array(Path(self.table.stores[k]) / "tiles", mode="r")
-        return arr
+            reader = self._readers[k] = TileReader(self.table.stores[k])
+        return reader
 
     def read_tile(self, i: int) -> np.ndarray:
         """The raw tile (T×T×C, the store's dtype) of table row ``i``.
@@ -265,19 +267,14 @@ class TileDataset(torch.utils.data.Dataset):
         ``GaplessError`` naming the store and the tile; from a DataLoader worker it reaches the main
         process as the same one line (see ``GaplessError``).
         """
-        from pipeline.store import read_tiles
-
-        k, index = int(self.table.store_index[i]), int(self.table.tile_index[i])
-        return read_tiles(self._tiles(k), index, index + 1, self.table.stores[k])[0]
+        return self._reader(int(self.table.store_index[i])).read(int(self.table.tile_index[i]))
 
     def __getitem__(self, i: int):
-        tile = self.read_tile(i)
-        image = self.transform(image=tile)["image"] if self.transform is not None else tile.astype(np.float32)
-        if image.ndim == 2:
-            image = image[..., None]
-        x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))
+        tile = torch.from_numpy(self.read_tile(i))
+        if self.transform is not None:
+            tile = self.transform(tile[None])[0]
         return (
-            x,
+            tile,
             torch.tensor(int(self.table.tile_label[i]), dtype=torch.int64),
             torch.tensor(int(self.table.store_index[i]), dtype=torch.int64),
         )
@@ -299,31 +296,14 @@ def balanced_sampler(table: TileTable, seed: int, num_samples: int | None = None
     )
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Seed numpy, random and the dataset's augmentation from the worker's torch seed (set by the loader's generator)."""
-    info = torch.utils.data.get_worker_info()
-    seed = info.seed % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-    try:
-        import cv2
-
-        cv2.setNumThreads(1)  # one process per core already; OpenCV's own threads would oversubscribe
-    except ImportError:
-        pass
-    seed_transform(getattr(info.dataset, "transform", None), seed)
-
-
 def make_loader(dataset, batch_size: int, workers: int, sampler=None, shuffle: bool = False, seed: int = 0,
-                drop_last: bool = False):
-    """A DataLoader that repeats for a seed on CPU: seeded shuffling, worker seeds and augmentation.
+                drop_last: bool = False, pin_memory: bool | None = None):
+    """A DataLoader of raw tile batches that repeats for a seed: seeded shuffling (the sampler has its own seed).
 
-    ``workers`` > 0 keeps the worker processes alive between epochs; memory is pinned when CUDA is
-    present. With ``workers`` = 0 the dataset's transform is seeded here (in this process).
+    ``workers`` > 0 keeps the worker processes alive between epochs. ``pin_memory`` (default: when
+    CUDA is present) puts batches in page-locked memory, so their copy to the GPU can overlap work.
     """
     generator = torch.Generator().manual_seed(int(seed))
-    if workers == 0:
-        seed_transform(getattr(dataset, "transform", None), seed)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -331,11 +311,51 @@ def make_loader(dataset, batch_size: int, workers: int, sampler=None, shuffle: b
         sampler=sampler,
         num_workers=workers,
         persistent_workers=workers > 0,
-        pin_memory=torch.cuda.is_available(),
-        worker_init_fn=_seed_worker if workers > 0 else None,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         generator=generator,
         drop_last=drop_last,
     )
+
+
+class DeviceBatches:
+    """The batches of ``loader`` (raw tiles, labels, sample indices) with the tiles on ``device`` and
+    through ``transform``: (B×C×S×S float32 on ``device``, labels, sample indices on the CPU).
+
+    On CUDA the next batch's copy runs on a side stream while this batch is being used (from pinned
+    memory, ``non_blocking``), and the transform runs on the device. ``len()`` is the loader's.
+    """
+
+    def __init__(self, loader, transform, device):
+        self.loader, self.transform, self.device = loader, transform, torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+        def upload(batch):
+            x, *rest = batch
+            if stream is None:
+                return (x.to(self.device), *rest)
+            with torch.cuda.stream(stream):
+                return (x.to(self.device, non_blocking=True), *rest)
+
+        def finish(batch):
+            x, *rest = batch
+            if stream is not None:
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                x.record_stream(torch.cuda.current_stream(self.device))  # its memory is used on this stream now
+            return (self.transform(x), *rest)
+
+        pending = None
+        for batch in self.loader:
+            following = upload(batch)  # in flight while the consumer works on ``pending``
+            if pending is not None:
+                yield finish(pending)
+            pending = following
+        if pending is not None:
+            yield finish(pending)
 
 
 # ---------------------------------------------------------------------------------------------

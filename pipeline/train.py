@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import __version__
-from pipeline.augment import build_transforms
+from pipeline.augment import build_transform
 from pipeline.device import device_name
 from pipeline.errors import GaplessError
 from pipeline.inference import forward, probabilities, to_device
@@ -178,35 +178,39 @@ def prepare_cohort(samples, stores, classes, settings: TrainSettings, sheet_path
 
 @dataclass
 class Loaders:
-    train: object
+    train: object  # DeviceBatches: augmented batches on the device
     val: object
     test: object
-    test_dataset: object  # the test tiles with the evaluation transform (for the map grid)
+    test_dataset: object  # the test tiles through the evaluation transform, one at a time (for the map grid)
     mean: list[float]
     std: list[float]
 
 
-def make_loaders(cohort: Cohort, settings: TrainSettings, workers: int) -> Loaders:
-    """Class-balanced training batches with augmentation; validation and test with the evaluation transform.
-    Normalisation: the training split's channel statistics."""
+def make_loaders(cohort: Cohort, settings: TrainSettings, workers: int, device) -> Loaders:
+    """Class-balanced training batches, augmented on ``device``; validation and test through the evaluation
+    transform there. The workers read and decode only. Normalisation: the training split's channel statistics."""
     from pipeline import data
 
     parts, table = cohort.parts, cohort.table
     mean, std = data.channel_normalisation(parts["train"])
+    pin = device.type == "cuda"
 
-    def dataset(part, is_train: bool):
-        return data.TileDataset(part, build_transforms(table.modality, is_train, mean, std,
-                                                            image_size=settings.image_size, tile_size=table.tile_size))
+    def transform(is_train: bool):  # the augmentation's own stream, apart from the sampler's
+        seed = int(np.random.SeedSequence([settings.seed, 1]).generate_state(1)[0])
+        return build_transform(table.modality, is_train, mean, std, image_size=settings.image_size, seed=seed)
 
-    sampler = data.balanced_sampler(parts["train"], settings.seed,
-                                    num_samples=(settings.steps_per_epoch or 0) * settings.batch_size or None)
-    test_dataset = dataset(parts["test"], False)
+    def batches(part, batch_size: int, is_train: bool):
+        sampler = (data.balanced_sampler(part, settings.seed, num_samples=(settings.steps_per_epoch or 0)
+                                         * settings.batch_size or None) if is_train else None)
+        loader = data.make_loader(data.TileDataset(part), batch_size, workers, sampler=sampler, seed=settings.seed,
+                                  drop_last=is_train, pin_memory=pin)
+        return data.DeviceBatches(loader, transform(is_train), device)
+
     return Loaders(
-        data.make_loader(dataset(parts["train"], True), settings.batch_size, workers, sampler=sampler,
-                         seed=settings.seed, drop_last=True),
-        data.make_loader(dataset(parts["val"], False), settings.batch_size * 2, workers),
-        data.make_loader(test_dataset, settings.batch_size * 2, workers),
-        test_dataset, mean, std,
+        batches(parts["train"], settings.batch_size, True),
+        batches(parts["val"], settings.batch_size * 2, False),
+        batches(parts["test"], settings.batch_size * 2, False),
+        data.TileDataset(parts["test"], transform(False)), mean, std,
     )
 
 
@@ -388,7 +392,7 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str |
     device = resolve_device(settings.device)
     workers = settings.workers if settings.workers is not None else loader_workers(settings.threads, device.type == "cuda")
     cohort = prepare_cohort(samples, stores, classes, settings, sheet_path)
-    loaders = make_loaders(cohort, settings, workers)
+    loaders = make_loaders(cohort, settings, workers, device)
     model, n_parameters = build_model(settings, classes, cohort, device)
     autocast = autocast_for(device)
     optimiser, schedule = make_optimiser(model, settings, len(loaders.train))

@@ -7,11 +7,12 @@ figure is the median over the timed steps. Deterministic algorithms are switched
 ``train.set_determinism`` does) and restored afterwards.
 
 With a tile store the training loader is built as ``pipeline.train`` builds it (tile table,
-normalisation from the store's channel statistics, training augmentation, balanced sampler,
-``make_loader``) and timed alone, without the model; its images/s against each head's training
-images/s is the margin: above 1 the loader can keep that head fed. The two are measured one after
-the other, so on a machine where the loader's workers and the model share the CPU cores the margin
-is an upper bound.
+balanced sampler, ``make_loader``: workers that read and decode) and timed alone, without the model;
+its images/s against each head's training images/s is the margin: above 1 the loader can keep that
+head fed. The training augmentation (normalisation from the store's channel statistics), which runs
+on the training device, is timed there on the same batches and reported beside it. The parts are
+measured one after the other, so on a machine where the loader's workers and the model share the
+CPU cores the margin is an upper bound.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def bench_heads(backbone="resnet50", image_size=224, batch_size=64, heads=None, 
     ``device_name``, ``dtype``, ``channels_last``, ``channels``, ``steps``, ``warmup``), ``load_average`` and
     ``load_average_after`` (1-minute load averages around the run, to judge the figures), ``memory``
     (what ``peak_memory_mb`` measures), ``loader`` (None without a store, else a dict with
-    ``images_per_s``) and ``rows``, one dict per head: ``head``, ``ms_per_batch``,
+    ``images_per_s``, the workers' reading and decoding, and ``augment_images_per_s``, the training
+    augmentation on the device) and ``rows``, one dict per head: ``head``, ``ms_per_batch``,
     ``train_images_per_s``, ``ratio_to_baseline`` (time per batch / the baseline's), ``inference_images_per_s``,
     ``parameters``, ``peak_memory_mb`` (None where not measured) and ``loader_margin`` (loader
     images/s / training images/s; None without a store).
@@ -75,7 +77,7 @@ def bench_heads(backbone="resnet50", image_size=224, batch_size=64, heads=None, 
     loader, requested_channels = None, channels
     if stores:
         workers = (os.cpu_count() or 1) if loader_workers is None else int(loader_workers)
-        loader = _bench_loader(stores, image_size, batch_size, workers, loader_batches)
+        loader = _bench_loader(stores, image_size, batch_size, workers, loader_batches, dev)
         channels = loader["channels"]  # the model takes what the store holds
 
     result = {
@@ -112,7 +114,8 @@ def _print_header(result: dict, requested_channels: int, baseline: str, print_fn
         print_fn(
             f"loader: {loader['tiles']} tiles from {len(loader['stores'])} store(s) ({loader['modality']}, "
             f"{loader['tile_size']} px tiles → {image_size} px), {loader['workers']} worker(s), "
-            f"{loader['batches']} batches after the first: {loader['images_per_s']:.1f} images/s"
+            f"{loader['batches']} batches after the first: {loader['images_per_s']:.1f} images/s (read and decode); "
+            f"augmentation on {result['device']}: {loader['augment_images_per_s']:.1f} images/s"
         )
     header = (f"{'head':<9} {'ms/batch':>9} {'train img/s':>12} {'time/' + baseline:>9} {'infer img/s':>12} "
               f"{'params':>9} {'peak MB':>8}")
@@ -179,26 +182,28 @@ def _store_list(store) -> list[Path]:
 # The loader
 
 
-def _bench_loader(stores: Sequence[Path], image_size: int, batch_size: int, workers: int, batches: int) -> dict:
-    """Images/s of the training loader over ``batches`` batches after the first one."""
+def _bench_loader(stores: Sequence[Path], image_size: int, batch_size: int, workers: int, batches: int, dev) -> dict:
+    """Images/s of the training loader over ``batches`` batches after the first one, and of the training
+    augmentation on ``dev`` over (up to 5 of) the same batches."""
     from pipeline import data
-    from pipeline.augment import build_transforms
+    from pipeline.augment import build_transform
     from pipeline.samples import Sample
 
     # Only tile labels matter to the sampler: annotated tiles keep theirs, the others count as negative.
     samples = [Sample(f"{k:03d}-{p.stem}", p, _CLASSES[0]) for k, p in enumerate(stores)]
     table = data.build_tile_table(samples, {s.sample_id: s.path for s in samples}, _CLASSES)
-    mean, std = data.channel_normalisation(table)
-    transform = build_transforms(table.modality, True, mean, std, image_size=image_size, tile_size=table.tile_size)
-    dataset = data.TileDataset(table, transform)
     sampler = data.balanced_sampler(table, seed=0, num_samples=(batches + 1) * batch_size)
-    loader = data.make_loader(dataset, batch_size, workers, sampler=sampler, seed=0, drop_last=True)
+    loader = data.make_loader(data.TileDataset(table), batch_size, workers, sampler=sampler, seed=0, drop_last=True,
+                              pin_memory=dev.type == "cuda")
+    kept = []
     it = iter(loader)
     try:
         next(it)  # worker start-up and the first batch are not timed
         n, t0 = 0, time.perf_counter()
         for x, _, _ in it:
             n += len(x)
+            if len(kept) < 5:
+                kept.append(x)
         seconds = time.perf_counter() - t0
     finally:
         shutdown = getattr(it, "_shutdown_workers", None)  # persistent workers: stop them before the models run
@@ -206,10 +211,15 @@ def _bench_loader(stores: Sequence[Path], image_size: int, batch_size: int, work
             shutdown()
         del it, loader
         gc.collect()
+    transform = build_transform(table.modality, True, *data.channel_normalisation(table), image_size=image_size)
+    on_device = [x.to(dev) for x in kept]  # the copy is not timed: training overlaps it with the model's work
+    augment_s = _median_seconds(lambda: [transform(x) for x in on_device], 3, 1, dev.type == "cuda")
+    augmented = sum(len(x) for x in on_device)
     return {
         "stores": [str(p) for p in stores], "tiles": len(table), "modality": table.modality,
         "channels": table.channels, "tile_size": table.tile_size, "dtype": table.dtype.name, "workers": workers,
         "batches": batches, "images": n, "seconds": seconds, "images_per_s": n / seconds if seconds > 0 else float("nan"),
+        "augment_images_per_s": augmented / augment_s if augment_s > 0 else float("nan"),
     }
 
 

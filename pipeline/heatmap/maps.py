@@ -45,13 +45,13 @@ def iter_tile_maps(model, config: Mapping, store, batch_size: int = 64, device=N
     ``model``: any ``nn.Module`` whose forward returns a ``HeadOutput`` (a trained head from
     ``load_trained``, or a synthetic module in a test). ``config``: ``mean`` and ``std`` per channel
     in the tiles' raw units (required), ``modality``, ``image_size`` (optional): the evaluation
-    transform of training (``augment.build_transforms(train=False)``). Reading and transforming the
-    next batch overlaps the model's work on this one. CUDA: bf16 autocast and channels-last, as in
+    transform of training (``augment.build_transform(train=False)``), run on the device. Reading
+    the next batch overlaps the model's work on this one. CUDA: bf16 autocast and channels-last, as in
     training; maps come back as float32.
     """
     import torch
 
-    from pipeline.augment import build_transforms
+    from pipeline.augment import build_transform
 
     view = sample_view(store)
     path, tiles, coords, n = view.path, view.tiles, view.coords(), view.n
@@ -61,20 +61,19 @@ def iter_tile_maps(model, config: Mapping, store, batch_size: int = 64, device=N
     if len(config["mean"]) != channels:
         raise GaplessError(path, f"the model was trained on {len(config['mean'])}-channel tiles, this store has {channels}",
                            "use a head trained on samples of this kind (slide or image)")
-    transform = build_transforms(config.get("modality") or view.attrs.modality, False,
-                                 config["mean"], config["std"], image_size=config.get("image_size"),
-                                 tile_size=int(tiles.shape[1]))
+    transform = build_transform(config.get("modality") or view.attrs.modality, False,
+                                config["mean"], config["std"], image_size=config.get("image_size"))
     device = resolve_device(device)
     model = model.to(device).eval()
     autocast = autocast_for(device)
 
+    on_cpu = device.type == "cpu"
+
     def load(start: int) -> torch.Tensor:
-        block = view.read(start, start + batch_size)  # a bad tile: one line naming the store
-        images = []
-        for tile in block:
-            image = transform(image=tile)["image"]
-            images.append(image[..., None] if image.ndim == 2 else image)
-        return torch.from_numpy(np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2), dtype=np.float32))
+        block = torch.from_numpy(view.read(start, start + batch_size))  # a bad tile: one line naming the store
+        if on_cpu:  # this thread transforms too, beside the model
+            return transform(block)
+        return block.pin_memory() if device.type == "cuda" else block  # pinned: the copy below is asynchronous
 
     from tqdm import tqdm
 
@@ -86,6 +85,7 @@ def iter_tile_maps(model, config: Mapping, store, batch_size: int = 64, device=N
             pending = reader.submit(load, starts[0]) if starts else None
             for i, start in enumerate(starts):
                 x = pending.result()
+                x = x if on_cpu else transform(x.to(device, non_blocking=True))
                 pending = reader.submit(load, starts[i + 1]) if i + 1 < len(starts) else None
                 out = forward(model, x, device, autocast)
                 yield start, _tile_maps(out, coords[start : start + len(x)])

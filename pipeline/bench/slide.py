@@ -174,11 +174,67 @@ def view_step(root: Path, pyramid: Path, requests: int, seed: int = 0) -> dict:
         proc.communicate(timeout=30)  # reads and closes its pipes
 
 
+STEPS = ("tiling", "heatmap", "pyramid", "view")
+
+
+def _tiling_step(row: dict, slide: Path, store: Path, grid, settings: dict, print_fn) -> None:
+    """The tiler with 1 and 2 workers against a bare read of the same grid with as many processes."""
+    from pipeline.bench.tiling import bare_read
+
+    coords = grid.coords()
+    n = len(coords)
+    for workers in (1, 2):
+        bare = bare_read(slide, None, coords, grid.level, grid.read_size, workers)
+        tiled = run_step(_TILE_STEP, {"slide": str(slide), "store": str(store), "settings": settings,
+                                      "workers": workers}, f"tiling ({workers} workers)")
+        row[f"tile_{workers}"] = dict(tiled, bare_seconds=bare)
+        print_fn(f"  tiling, {workers} worker(s): {n / tiled['seconds']:.0f} tiles/s, bare read "
+                 f"{n / bare:.0f} tiles/s, tiler/bare {bare / tiled['seconds']:.2f}, peak "
+                 f"{tiled['peak_mb']:.0f} MB, {tiled['seconds'] / n * 1e3:.2f} ms per tile")
+    row["tile_speedup"] = row["tile_1"]["seconds"] / row["tile_2"]["seconds"]
+    print_fn(f"  tiler speed-up with 2 workers: {row['tile_speedup']:.2f}×")
+
+
+def _view_steps(row: dict, slide: Path, folder: Path, steps, pyramid_mpp: float, view_requests: int, print_fn) -> None:
+    pyramid = folder / "pyramid"
+    if "pyramid" in steps or not pyramid.is_dir():
+        pyr = row["pyramid"] = run_step(_PYRAMID_STEP, {"slide": str(slide), "out": str(pyramid),
+                                                        "max_mpp": pyramid_mpp}, "pyramid")
+        print_fn(f"  pyramid capped at {pyramid_mpp} µm/px: {pyr['seconds']:.0f} s, {pyr['files']} files, "
+                 f"{pyr['bytes'] / 2**20:.0f} MiB, peak {pyr['peak_mb']:.0f} MB, "
+                 f"{pyr['seconds'] / pyr['files'] * 1e3:.2f} ms per file")
+    if "view" in steps:
+        view = row["view"] = view_step(folder, pyramid, view_requests)
+        print_fn(f"  view: {view['tiles']} random full-resolution tiles (level {view['level']}) cut on demand, "
+                 f"{view['tiles'] / view['seconds']:.0f} tiles/s, server peak {view['peak_mb']:.0f} MB")
+
+
+def _summary(results: list[dict], print_fn) -> None:
+    """Time per tile at the first and last size (linear in tiles: a ratio near 1), and the largest peak."""
+    a, b = results[0], results[-1]
+    if len(results) > 1:
+        for key, label in (("tile_1", "tiling, 1 worker"), ("tile_2", "tiling, 2 workers"), ("heatmap", "heatmap")):
+            if key in a and key in b:
+                per = [r[key]["seconds"] / r["tiles"] for r in (a, b)]
+                print_fn(f"linearity, {label}: {per[0] * 1e3:.2f} vs {per[1] * 1e3:.2f} ms per tile "
+                         f"({a['tiles']} vs {b['tiles']} tiles): ratio {per[0] / per[1]:.2f}")
+        if "pyramid" in a and "pyramid" in b:
+            per = [r["pyramid"]["seconds"] / r["pyramid"]["files"] for r in (a, b)]
+            print_fn(f"linearity, pyramid: {per[0] * 1e3:.2f} vs {per[1] * 1e3:.2f} ms per file: ratio "
+                     f"{per[0] / per[1]:.2f}")
+    peaks = [r[k]["peak_mb"] for r in results for k in ("tile_1", "tile_2", "heatmap", "pyramid", "view") if k in r]
+    if peaks:
+        print_fn(f"largest peak memory of any step: {max(peaks):.0f} MB")
+    load = os.getloadavg()[0]
+    if load > (os.cpu_count() or 1) / 2:
+        print_fn(f"warning: load average {load:.1f} on {os.cpu_count()} cores: other processes competed")
+
+
 def bench_slide(sizes=((50_000, 40_000), (35_355, 28_284)), mpp: float = 0.25, tile_mpp: float | None = None,
                 tile_size: int = 224, pyramid_mpp: float = 1.0, view_requests: int = 400, out: str | Path | None = None,
-                print_fn=print) -> list[dict]:
-    """Measure every step on each synthetic slide size (module docstring); returns one dict per size."""
-    from pipeline.bench.tiling import bare_read
+                steps=STEPS, print_fn=print) -> list[dict]:
+    """Measure ``steps`` on each synthetic slide size (module docstring); returns one dict per size. A step
+    left out reuses what an earlier run left under ``out`` (the store, the pyramid) when another needs it."""
     from pipeline.demo.bigslide import write_big_slide
     from pipeline.io import open_source
     from pipeline.tiling import plan_grid
@@ -188,7 +244,6 @@ def bench_slide(sizes=((50_000, 40_000), (35_355, 28_284)), mpp: float = 0.25, t
     with tempfile.TemporaryDirectory(prefix="gapless-slide-") as scratch:
         root = Path(out) if out else Path(scratch)
         root.mkdir(parents=True, exist_ok=True)
-        model = _bench_model(root / "model", tile_size, tile_mpp)
         for width, height in sizes:
             slide = root / f"synthetic-{width}x{height}.tiff"
             t0 = time.perf_counter()
@@ -198,50 +253,24 @@ def bench_slide(sizes=((50_000, 40_000), (35_355, 28_284)), mpp: float = 0.25, t
                    "write_seconds": time.perf_counter() - t0}
             with open_source(slide) as source:
                 grid = plan_grid(source, mpp, tile_mpp, tile_size, None)
-            coords = grid.coords()
-            n = row["tiles"] = len(coords)
+            n = row["tiles"] = grid.rows * grid.columns
             print_fn(f"slide {width}×{height} px at {mpp} µm/px ({row['slide_bytes'] / 2**30:.2f} GiB, "
                      f"{'written' if row['write_seconds'] > 1 else 'kept'} in {row['write_seconds']:.0f} s): "
                      f"{n} tiles of {tile_size} px at {tile_mpp} µm/px from level {grid.level}")
-            settings = {"mpp": tile_mpp, "tile_size": tile_size, "min_tissue": 0.0, "codec": "jpeg"}
             store = root / f"tiles-{width}x{height}.zarr"
-            for workers in (1, 2):
-                bare = bare_read(slide, None, coords, grid.level, grid.read_size, workers)
-                tiled = run_step(_TILE_STEP, {"slide": str(slide), "store": str(store), "settings": settings,
-                                              "workers": workers}, f"tiling ({workers} workers)")
-                row[f"tile_{workers}"] = dict(tiled, bare_seconds=bare)
-                print_fn(f"  tiling, {workers} worker(s): {n / tiled['seconds']:.0f} tiles/s, bare read "
-                         f"{n / bare:.0f} tiles/s, tiler/bare {bare / tiled['seconds']:.2f}, peak "
-                         f"{tiled['peak_mb']:.0f} MB, {tiled['seconds'] / n * 1e3:.2f} ms per tile")
-            row["tile_speedup"] = row["tile_1"]["seconds"] / row["tile_2"]["seconds"]
-            print_fn(f"  tiler speed-up with 2 workers: {row['tile_speedup']:.2f}×")
-            heat = row["heatmap"] = run_step(_HEATMAP_STEP, {"store": str(store), "model": str(model),
-                                                             "out": str(root / f"heatmap-{width}x{height}")}, "heatmap")
-            print_fn(f"  heatmap (resnet10t/gap, 96 px, CPU): {heat['seconds']:.0f} s, {n / heat['seconds']:.0f} tiles/s, "
-                     f"peak {heat['peak_mb']:.0f} MB, {heat['seconds'] / n * 1e3:.2f} ms per tile")
-            pyramid = root / f"view-{width}x{height}" / "pyramid"
-            pyr = row["pyramid"] = run_step(_PYRAMID_STEP, {"slide": str(slide), "out": str(pyramid),
-                                                            "max_mpp": pyramid_mpp}, "pyramid")
-            print_fn(f"  pyramid capped at {pyramid_mpp} µm/px: {pyr['seconds']:.0f} s, {pyr['files']} files, "
-                     f"{pyr['bytes'] / 2**20:.0f} MiB, peak {pyr['peak_mb']:.0f} MB, "
-                     f"{pyr['seconds'] / pyr['files'] * 1e3:.2f} ms per file")
-            view = row["view"] = view_step(pyramid.parent, pyramid, view_requests)
-            print_fn(f"  view: {view['tiles']} random full-resolution tiles (level {view['level']}) cut on demand, "
-                     f"{view['tiles'] / view['seconds']:.0f} tiles/s, server peak {view['peak_mb']:.0f} MB")
+            settings = {"mpp": tile_mpp, "tile_size": tile_size, "min_tissue": 0.0, "codec": "jpeg"}
+            if "tiling" in steps or ("heatmap" in steps and not store.is_dir()):
+                _tiling_step(row, slide, store, grid, settings, print_fn)
+            if "heatmap" in steps:
+                model = root / "model"
+                if not (model / "run_id.txt").is_file():
+                    _bench_model(model, tile_size, tile_mpp)
+                heat = row["heatmap"] = run_step(_HEATMAP_STEP, {"store": str(store), "model": str(model),
+                                                                 "out": str(root / f"heatmap-{width}x{height}")}, "heatmap")
+                print_fn(f"  heatmap (resnet10t/gap, 96 px, CPU): {heat['seconds']:.0f} s, {n / heat['seconds']:.0f} "
+                         f"tiles/s, peak {heat['peak_mb']:.0f} MB, {heat['seconds'] / n * 1e3:.2f} ms per tile")
+            if "pyramid" in steps or "view" in steps:
+                _view_steps(row, slide, root / f"view-{width}x{height}", steps, pyramid_mpp, view_requests, print_fn)
             results.append(row)
-        if len(results) > 1:
-            a, b = results[0], results[-1]
-            for key, label in (("tile_1", "tiling, 1 worker"), ("tile_2", "tiling, 2 workers"), ("heatmap", "heatmap")):
-                per = [r[key]["seconds"] / r["tiles"] for r in (a, b)]
-                print_fn(f"linearity, {label}: {per[0] * 1e3:.2f} vs {per[1] * 1e3:.2f} ms per tile "
-                         f"({a['tiles']} vs {b['tiles']} tiles): ratio {per[0] / per[1]:.2f}")
-            per = [r["pyramid"]["seconds"] / r["pyramid"]["files"] for r in (a, b)]
-            print_fn(f"linearity, pyramid: {per[0] * 1e3:.2f} vs {per[1] * 1e3:.2f} ms per file: ratio "
-                     f"{per[0] / per[1]:.2f}")
-        peak = max(max(r["tile_1"]["peak_mb"], r["tile_2"]["peak_mb"], r["heatmap"]["peak_mb"], r["pyramid"]["peak_mb"],
-                       r["view"]["peak_mb"]) for r in results)
-        print_fn(f"largest peak memory of any step: {peak:.0f} MB")
-        load = os.getloadavg()[0]
-        if load > (os.cpu_count() or 1) / 2:
-            print_fn(f"warning: load average {load:.1f} on {os.cpu_count()} cores: other processes competed")
+        _summary(results, print_fn)
     return results

@@ -79,7 +79,8 @@ def _run_bench(args) -> None:
         from pipeline.bench.slide import bench_slide
 
         bench_slide(args.sizes, mpp=args.mpp, tile_mpp=args.tile_mpp, tile_size=args.tile_size,
-                    pyramid_mpp=args.pyramid_mpp, view_requests=args.view_requests, out=args.out)
+                    pyramid_mpp=args.pyramid_mpp, view_requests=args.view_requests, out=args.out,
+                    steps=args.steps)
     else:
         from pipeline.bench.tiling import bench_tiling
         from pipeline.tiling import TileSettings

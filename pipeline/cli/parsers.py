@@ -266,6 +266,8 @@ def _add_bench(sub) -> None:
     b.add_argument("--view-requests", type=positive_int, default=400,
                    help="full-resolution tiles asked of `gapless view` (default 400)")
     b.add_argument("--out", type=Path, default=None, help="keep the slides and outputs here (default: a temporary folder)")
+    b.add_argument("--steps", nargs="+", choices=["tiling", "heatmap", "pyramid", "view"],
+                   default=["tiling", "heatmap", "pyramid", "view"], help="what to measure (default: all)")
 
 
 def _max_mpp(text: str) -> float | str:

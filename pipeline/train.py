@@ -21,6 +21,7 @@ import numpy as np
 from pipeline import __version__
 from pipeline.augment import build_transform
 from pipeline.device import device_name
+from pipeline.distributed import NoRun, World, current_world, mean_across, unwrap
 from pipeline.errors import GaplessError
 from pipeline.inference import forward, probabilities, to_device
 from pipeline.metrics import classification_metrics, sample_metrics
@@ -186,23 +187,31 @@ class Loaders:
     std: list[float]
 
 
-def make_loaders(cohort: Cohort, settings: TrainSettings, workers: int, device) -> Loaders:
+def make_loaders(cohort: Cohort, settings: TrainSettings, workers: int, device, world: World = World()) -> Loaders:
     """Class-balanced training batches, augmented on ``device``; validation and test through the evaluation
-    transform there. The workers read and decode only. Normalisation: the training split's channel statistics."""
+    transform there. The workers read and decode only. Normalisation: the training split's channel statistics.
+    With several processes (``world``) each draws its own ``batch_size / world.size`` tiles per step, as many
+    steps as one process would take."""
     from pipeline import data
 
     parts, table = cohort.parts, cohort.table
     mean, std = data.channel_normalisation(parts["train"])
     pin = device.type == "cuda"
+    per_rank = settings.batch_size // world.size
+    steps = settings.steps_per_epoch or len(parts["train"]) // settings.batch_size
+    seed = settings.seed if not world.distributed else settings.seed * 1000 + world.rank
 
     def transform(is_train: bool):  # the augmentation's own stream, apart from the sampler's
-        seed = int(np.random.SeedSequence([settings.seed, 1]).generate_state(1)[0])
-        return build_transform(table.modality, is_train, mean, std, image_size=settings.image_size, seed=seed)
+        stream = [settings.seed, 1] if not world.distributed else [settings.seed, 1, world.rank]
+        aug_seed = int(np.random.SeedSequence(stream).generate_state(1)[0])
+        return build_transform(table.modality, is_train, mean, std, image_size=settings.image_size, seed=aug_seed)
 
     def batches(part, batch_size: int, is_train: bool):
-        sampler = (data.balanced_sampler(part, settings.seed, num_samples=(settings.steps_per_epoch or 0)
-                                         * settings.batch_size or None) if is_train else None)
-        loader = data.make_loader(data.TileDataset(part), batch_size, workers, sampler=sampler, seed=settings.seed,
+        if is_train:
+            batch_size = per_rank
+            draws = (steps * per_rank if world.distributed or settings.steps_per_epoch else None) or None
+        sampler = data.balanced_sampler(part, seed, num_samples=draws) if is_train else None
+        loader = data.make_loader(data.TileDataset(part), batch_size, workers, sampler=sampler, seed=seed,
                                   drop_last=is_train, pin_memory=pin)
         return data.DeviceBatches(loader, transform(is_train), device)
 
@@ -263,41 +272,47 @@ class Fit:
     best_epoch: int
     train_images: int
     train_seconds: float
+    train_steps: int = 0  # optimiser steps (the same on every process of a distributed run)
 
 
 def fit(model, loaders: Loaders, optimiser, schedule, run, settings: TrainSettings, device, autocast,
-        progress: bool = True) -> Fit:
-    """The epochs: train, validate, log; keep the state of the best validation AUROC after the warm-up."""
+        progress: bool = True, world: World = World()) -> Fit:
+    """The epochs: train, validate, log; keep the state of the best validation AUROC after the warm-up.
+    With several processes (``world``) every rank takes the training steps; rank 0 alone validates."""
     from tqdm import tqdm
 
-    best, best_epoch, best_state, images, seconds = -1.0, 0, None, 0, 0.0
+    best, best_epoch, best_state, images, seconds, steps = -1.0, 0, None, 0, 0.0, 0
     for epoch in range(settings.epochs):
         model.train()
         losses = []
         bar = tqdm(loaders.train, desc=f"{settings.head} seed {settings.seed} epoch {epoch + 1}/{settings.epochs}",
-                   disable=not progress, file=sys.stderr, dynamic_ncols=True)
+                   disable=not (progress and world.main), file=sys.stderr, dynamic_ncols=True)
         t0 = time.perf_counter()
         for x, y, _ in bar:
             loss = train_step(model, to_device(x, device), y.to(device, non_blocking=True), optimiser, autocast,
                               settings.grad_clip)
             schedule.step()
             losses.append(loss.item())
-            images += len(x)
+            images += len(x) * world.size
+            steps += 1
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         seconds += time.perf_counter() - t0
-        val = predict(model, loaders.val, device, autocast)
+        train_loss = mean_across(float(np.mean(losses)), world)
+        if not world.main:
+            continue
+        val = predict(unwrap(model), loaders.val, device, autocast)
         val_metrics = classification_metrics(val["probs"], val["labels"], "val")
         score = val_metrics.get("val_auroc", val_metrics["val_balanced_accuracy"])
-        run.metrics({"train_loss": float(np.mean(losses)), "lr": schedule.get_last_lr()[0], **val_metrics}, step=epoch)
+        run.metrics({"train_loss": train_loss, "lr": schedule.get_last_lr()[0], **val_metrics}, step=epoch)
         log.info("%s seed %d epoch %d: loss %.4f, val AUROC %s", settings.head, settings.seed, epoch + 1,
-                 np.mean(losses), f"{val_metrics.get('val_auroc', float('nan')):.3f}")
+                 train_loss, f"{val_metrics.get('val_auroc', float('nan')):.3f}")
         # a checkpoint from inside the warm-up is a barely trained model whose validation AUROC on a
         # few slides can still be high by chance: it is chosen only when no later epoch exists
         eligible = epoch + 1 > settings.warmup_epochs or epoch == settings.epochs - 1
         if eligible and score > best:
             best, best_epoch = score, epoch + 1
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return Fit(best_state, best, best_epoch, images, seconds)
+            best_state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+    return Fit(best_state, best, best_epoch, images, seconds, steps)
 
 
 def evaluate(model, loaders: Loaders, cohort: Cohort, result: Fit, device, autocast, n_parameters: int):
@@ -308,6 +323,7 @@ def evaluate(model, loaders: Loaders, cohort: Cohort, result: Fit, device, autoc
     final.update(sample_metrics(test["probs"], test["samples"], _sample_labels(cohort.parts["test"])))
     final.update({"best_val_score": result.best_score, "best_epoch": result.best_epoch,
                   "train_images_per_s": result.train_images / max(result.train_seconds, 1e-9),
+                  "train_steps": result.train_steps,
                   "inference_images_per_s": test["images_per_s"], "peak_memory_mb": peak_memory_mb(device),
                   "parameters": n_parameters})
     return test, final
@@ -385,17 +401,30 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str |
     from pipeline.files import check_output_target
     from pipeline.tracking import RunLogger, run_tags, stale_runs
 
+    from pipeline import distributed
+
     check_output_target(out_dir)  # a name of its own, not a folder above it: only <out_dir>.partial is ever removed
     set_determinism(settings.seed)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = resolve_device(settings.device)
+    world = current_world()
+    if world.distributed:  # started by torchrun (gapless train --devices N): one process per device
+        device = distributed.init(world, device.type)
     workers = settings.workers if settings.workers is not None else loader_workers(settings.threads, device.type == "cuda")
     cohort = prepare_cohort(samples, stores, classes, settings, sheet_path)
-    loaders = make_loaders(cohort, settings, workers, device)
+    loaders = make_loaders(cohort, settings, workers, device, world)
     model, n_parameters = build_model(settings, classes, cohort, device)
+    model = distributed.wrap(model, world, device)
     autocast = autocast_for(device)
     optimiser, schedule = make_optimiser(model, settings, len(loaders.train))
+    if not world.main:  # the training steps only: rank 0 validates, tests, writes the folder and the one MLflow run
+        try:
+            fit(model, loaders, optimiser, schedule, NoRun(), settings, device, autocast, False, world)
+            distributed.barrier(world)
+        finally:
+            distributed.finish(world)
+        return {}
 
     if connect is not None:
         uri, experiment_id, parent_run_id = connect()
@@ -410,17 +439,21 @@ def train(samples, stores, classes, settings: TrainSettings, out_dir, uri: str |
         fingerprint = data.data_fingerprint(sheet_path, [stores[s] for s in cohort.table.sample_ids])
         run.params(run_params(settings, classes, cohort, n_parameters, device, workers, fingerprint, config))
         run.artifact(write_json(work, SPLIT_JSON, cohort.split_ids))
-        result = fit(model, loaders, optimiser, schedule, run, settings, device, autocast, progress)
-        test, metrics = evaluate(model, loaders, cohort, result, device, autocast, n_parameters)
+        result = fit(model, loaders, optimiser, schedule, run, settings, device, autocast, progress, world)
+        core = unwrap(model)
+        test, metrics = evaluate(core, loaders, cohort, result, device, autocast, n_parameters)
         run.metrics(metrics, step=settings.epochs)
         final.update(metrics)
-        return save_run(work, run, model, settings, classes, cohort, loaders, test, metrics, device, autocast)
+        return save_run(work, run, core, settings, classes, cohort, loaders, test, metrics, device, autocast)
 
     try:
         write_run_folder(out_dir, fill)
+        distributed.barrier(world)
     except BaseException as exc:  # Ctrl-C and SIGTERM (raised as KeyboardInterrupt by the CLI): KILLED
         run.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
+    finally:
+        distributed.finish(world)
     return {"run_id": run.run_id, **final}
 
 

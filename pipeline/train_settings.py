@@ -47,6 +47,8 @@ class TrainSettings:
         help="fractions of groups per split when the sheet has no split column")
     threads: int | None = setting(2, parse=positive_int, help="CPU threads: torch threads and data-loader workers")
     device: str = setting("auto", help="auto (CUDA when present) | cuda | cpu")
+    devices: int = setting(1, help="devices training one model (DistributedDataParallel, one process each, started "
+                                   "with torchrun): GPUs on CUDA, gloo processes on the CPU; batch-size is split among them")
     workers: int | None = None  # data-loader processes; None: from ``threads`` (see loader_workers); no flag
     head_kwargs: dict = setting(default_factory=dict, parse=json_object,
                                 help='the head\'s own options as JSON, e.g. \'{"num_heads": 2}\'')
@@ -74,6 +76,10 @@ class TrainSettings:
         need(self.steps_per_epoch is None or (isinstance(self.steps_per_epoch, int) and self.steps_per_epoch >= 1),
              "steps-per-epoch", self.steps_per_epoch, "1 or more")
         need(self.device in ("auto", "cuda", "cpu"), "device", self.device, "auto, cuda or cpu")
+        need(isinstance(self.devices, int) and self.devices >= 1, "devices", self.devices, "a whole number of 1 or more")
+        if isinstance(self.devices, int) and self.devices > 1 and isinstance(self.batch_size, int):
+            need(self.batch_size % self.devices == 0 and self.batch_size // self.devices >= 2, "batch-size",
+                 self.batch_size, f"a multiple of --devices ({self.devices}) with at least 2 tiles per device")
         need(self.kind in ("slide", "image"), "kind", self.kind, "slide or image")
         fractions = list(self.split_fractions)
         need(len(fractions) == 3 and all(finite(f) and f >= 0 for f in fractions) and sum(fractions) > 0, "split",

@@ -124,3 +124,38 @@ def test_threads_below_one_are_refused(command, capsys):
         build_parser().parse_args([*command, "--threads", "0"])
     assert info.value.code == 2
     assert "argument --threads: must be 1 or more, got 0" in capsys.readouterr().err
+
+
+def test_two_gloo_processes_train_one_model_with_the_steps_of_one_and_log_one_run(cohort, tmp_path):
+    """train.devices 2 on the CPU: torchrun starts two gloo processes; each takes half of every batch, the
+    gradients are averaged, so the optimiser steps are those of one process, and rank 0 alone logs."""
+    import subprocess
+    import sys
+
+    root, sheet, *_ = cohort
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    steps = {}
+    for devices in (1, 2):
+        out = tmp_path / f"devices{devices}"
+        done = subprocess.run([sys.executable, "-m", "pipeline", "-q", "train", "--samples", str(sheet), "--tiles",
+                               str(root / "tiles"), "--out", str(out), "--head", "gap", "--seed", "1", "--epochs", "2",
+                               "--batch-size", "8", "--steps-per-epoch", "3", "--threads", "1", "--device", "cpu",
+                               "--devices", str(devices), "--tracking-uri", uri, "--experiment", "ddp"],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        steps[devices] = json.loads((out / "metrics.json").read_text())["train_steps"]
+        assert (out / "run_id.txt").is_file() and not (tmp_path / f"devices{devices}.partial").exists()
+    assert steps == {1: 6, 2: 6}
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}  # one run per model, not one per process
+    two = [r for r in runs if r.info.run_id == (tmp_path / "devices2" / "run_id.txt").read_text().strip()]
+    assert len(two) == 1 and two[0].data.metrics["train_steps"] == 6
+    assert len(client.get_metric_history(two[0].info.run_id, "train_loss")) == 2  # once per epoch, by rank 0
+
+
+def test_devices_must_divide_the_batch(capsys):
+    from pipeline.errors import GaplessError
+
+    with pytest.raises(GaplessError, match="a multiple of --devices"):
+        TrainSettings(batch_size=9, devices=2).validate()

@@ -138,6 +138,14 @@ def _run_train(args) -> None:
     settings = settings_from_args(TrainSettings, args)
     resolve_device(settings.device)  # a missing GPU stops here, before the MLflow store is touched
     settings.validate()  # a bad value stops here, before the MLflow store is touched
+    from pipeline.distributed import current_world, relaunch_under_torchrun
+
+    code = relaunch_under_torchrun(settings.devices)  # --devices N: this command again, one process per device
+    if code is not None:
+        if code:
+            raise GaplessError(args.out, f"distributed training (torchrun, {settings.devices} processes) failed "
+                                         f"with status {code}", "read the ranks' messages above")
+        return
     comparison = _comparison(args.comparison) if args.comparison else None
 
     def connect() -> tuple[str, str, str | None]:
@@ -152,6 +160,8 @@ def _run_train(args) -> None:
     t0 = time.perf_counter()
     metrics = train_cohort(args.samples, args.tiles, args.classes, settings, args.out, config=args.config,
                            progress=not args.quiet, connect=connect)
+    if not current_world().main:
+        return
     shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("test_auroc", "test_balanced_accuracy", "test_sample_auroc_max")
                       if k in metrics)
     print(f"train: {settings.head} seed {settings.seed} on {settings.kind}s: {shown} in {time.perf_counter() - t0:.0f} s; "

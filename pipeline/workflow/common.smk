@@ -280,6 +280,7 @@ def cohorts():
 # Training and heatmap jobs on a GPU take one unit of the `gpu` resource (--resources gpu=N);
 # on the CPU (train.device: cpu) they take none, and --cores alone decides how many run at once.
 GPU_UNITS = 0 if config["train"]["device"] == "cpu" else 1
+TRAIN_GPU_UNITS = GPU_UNITS * config["train"]["devices"]  # one model on train.devices GPUs (torchrun, one job)
 
 
 def trained_models():

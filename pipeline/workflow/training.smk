@@ -40,7 +40,7 @@ rule train:
         kind=cohort_kind,
     threads: config["train"]["threads"]
     resources:
-        gpu=GPU_UNITS,
+        gpu=TRAIN_GPU_UNITS,
         mem_mb=16000,
     log:
         f"{LOGS}/train/{{cohort}}/{{head}}/seed{{seed}}.log",

@@ -61,7 +61,7 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "files": files, "bytes": 
 class PeakMemory:
     """Samples the summed RSS of a process and all its descendants every ``every`` seconds, in a thread."""
 
-    def __init__(self, pid: int, every: float = 0.05):
+    def __init__(self, pid: int, every: float = 0.25):
         import psutil
 
         self._proc = psutil.Process(pid)

@@ -77,8 +77,10 @@ def default_resource_args(workflow) -> dict:
 
 def server_command(results: str | Path, host: str, port: int, workers: int) -> tuple[list[str], str, str]:
     """(``mlflow server`` command line, backend URI, artifact folder) for the project's results folder."""
+    from pipeline.tracking import local_uri
+
     results = Path(results).resolve()
-    backend = f"sqlite:///{results.as_posix()}/mlflow.db"
+    backend = local_uri(results)
     artifacts = (results / "mlartifacts").as_posix()
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
                "--artifacts-destination", artifacts, "--serve-artifacts", "--host", host, "--port", str(port),

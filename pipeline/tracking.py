@@ -51,6 +51,11 @@ def tracking_uri(configured: str | None = None, results: str | Path = "results")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
     if uri:
         return uri
+    return local_uri(results)
+
+
+def local_uri(results: str | Path = "results") -> str:
+    """The project's own backend: the SQLite file ``<results>/mlflow.db``."""
     return f"sqlite:///{Path(results).as_posix()}/mlflow.db"
 
 

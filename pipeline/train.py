@@ -207,10 +207,11 @@ def make_loaders(cohort: Cohort, settings: TrainSettings, workers: int, device, 
         return build_transform(table.modality, is_train, mean, std, image_size=settings.image_size, seed=aug_seed)
 
     def batches(part, batch_size: int, is_train: bool):
-        if is_train:
+        sampler = None
+        if is_train:  # a fixed number of draws per process, or one pass over the tiles
             batch_size = per_rank
-            draws = (steps * per_rank if world.distributed or settings.steps_per_epoch else None) or None
-        sampler = data.balanced_sampler(part, seed, num_samples=draws) if is_train else None
+            draws = steps * per_rank if world.distributed or settings.steps_per_epoch else None
+            sampler = data.balanced_sampler(part, seed, num_samples=draws or None)
         loader = data.make_loader(data.TileDataset(part), batch_size, workers, sampler=sampler, seed=seed,
                                   drop_last=is_train, pin_memory=pin)
         return data.DeviceBatches(loader, transform(is_train), device)

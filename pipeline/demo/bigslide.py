@@ -56,18 +56,11 @@ def _bank(mpp: float, seed: int) -> tuple[np.ndarray, int]:
 def _tissue_map(rows: int, cols: int, rng: np.random.Generator, coverage: float = 0.45) -> np.ndarray:
     """bool (rows, cols): a few distorted elliptical fragments with a noisy edge, kept off the border."""
     from pipeline.demo.cells import _smooth_noise
+    from pipeline.demo.slides import tissue_fragments
 
     yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float32)
     size = math.sqrt(rows * cols)
-    field = np.full((rows, cols), -1.0, np.float32)
-    for _ in range(int(rng.integers(3, 6))):
-        cx, cy = rng.uniform(0.25, 0.75) * cols, rng.uniform(0.25, 0.75) * rows
-        sa = rng.uniform(0.14, 0.24) * size
-        sb = sa * rng.uniform(0.45, 0.9)
-        ang = rng.uniform(0.0, np.pi)
-        u = ((xx - cx) * math.cos(ang) + (yy - cy) * math.sin(ang)) / sa
-        v = (-(xx - cx) * math.sin(ang) + (yy - cy) * math.cos(ang)) / sb
-        field = np.maximum(field, np.exp(-0.5 * (u * u + v * v)))
+    field = tissue_fragments(xx, yy, cols, rows, rng, centre=(0.25, 0.75), major=(0.14, 0.24))
     field += 0.2 * _smooth_noise(rng, (rows, cols), max(1.0, 0.04 * size))
     margin = max(1.0, 0.06 * min(rows, cols))
     edge = np.minimum(np.minimum(xx + 0.5, cols - xx - 0.5), np.minimum(yy + 0.5, rows - yy - 0.5))

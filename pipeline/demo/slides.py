@@ -89,21 +89,31 @@ def _coarse_grid(settings: DemoSettings) -> _Coarse:
     return _Coarse(step, h, w, (yy + 0.5) * (H / h), (xx + 0.5) * (W / w))
 
 
+def tissue_fragments(xx: np.ndarray, yy: np.ndarray, width: float, height: float, rng: np.random.Generator,
+                     centre: tuple[float, float], major: tuple[float, float]) -> np.ndarray:
+    """The union (max) of 3-5 Gaussian ellipses evaluated at the points (``xx``, ``yy``) of a ``width`` ×
+    ``height`` frame: centres within ``centre`` of each side, major axes ``major`` of sqrt(width·height),
+    minor axes 0.45-0.9 of the major, any angle; -1 where none reaches. Draws from ``rng`` in a fixed order."""
+    size = math.sqrt(width * height)
+    field = np.full(xx.shape, -1.0, np.float32)
+    for _ in range(int(rng.integers(3, 6))):
+        cx, cy = rng.uniform(*centre) * width, rng.uniform(*centre) * height
+        sa = rng.uniform(*major) * size
+        sb = sa * rng.uniform(0.45, 0.9)
+        ang = rng.uniform(0.0, np.pi)
+        u = ((xx - cx) * math.cos(ang) + (yy - cy) * math.sin(ang)) / sa
+        v = (-(xx - cx) * math.sin(ang) + (yy - cy) * math.cos(ang)) / sb
+        field = np.maximum(field, np.exp(-0.5 * (u * u + v * v)))
+    return field
+
+
 def _tissue(settings: DemoSettings, coarse: _Coarse, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """A union of a few distorted elliptical fragments, thresholded at ~40-60 % cover, with a wobbly margin,
     a ragged soft edge and holes: (H, W) float32 soft tissue mask, and the coarse boolean tissue."""
     H, W, mpp = settings.slide_height, settings.slide_width, settings.slide_mpp
     step, h, w, yy, xx = coarse.step, coarse.h, coarse.w, coarse.yy, coarse.xx
     size = math.sqrt(H * W)
-    field = np.full((h, w), -1.0, np.float32)
-    for _ in range(int(rng.integers(3, 6))):
-        cx, cy = rng.uniform(0.22, 0.78) * W, rng.uniform(0.22, 0.78) * H
-        sa = rng.uniform(0.12, 0.22) * size
-        sb = sa * rng.uniform(0.45, 0.9)
-        ang = rng.uniform(0.0, np.pi)
-        u = ((xx - cx) * math.cos(ang) + (yy - cy) * math.sin(ang)) / sa
-        v = (-(xx - cx) * math.sin(ang) + (yy - cy) * math.cos(ang)) / sb
-        field = np.maximum(field, np.exp(-0.5 * (u * u + v * v)))
+    field = tissue_fragments(xx, yy, W, H, rng, centre=(0.22, 0.78), major=(0.12, 0.22))
     field += 0.22 * _smooth_noise(rng, (h, w), 0.05 * size / step)
     field += 0.06 * _smooth_noise(rng, (h, w), 0.012 * size / step)
     # keep tissue off the slide border with a wobbly margin (no straight cut edges)

@@ -50,6 +50,7 @@ class ModelConfig:
     mean: list[float]
     std: list[float]
     head_kwargs: dict = field(default_factory=dict)
+    backbone_kwargs: dict = field(default_factory=dict)
     tile_size: int | None = None
     image_size: int | None = None
     modality: str = "brightfield"
@@ -99,7 +100,7 @@ def load_trained(run_dir: str | Path, device=None):
     """``(model, config)`` from a training run folder (``weights.safetensors`` + ``model.json``).
 
     The model is rebuilt with ``create_model(backbone, head, num_classes, in_chans, pretrained=False,
-    **head_kwargs)``, loaded strictly, put in eval mode on ``device`` (default: CUDA when present).
+    backbone_kwargs=backbone_kwargs, **head_kwargs)``, loaded strictly, put in eval mode on ``device`` (default: CUDA when present).
     ``config`` is :meth:`ModelConfig.as_mapping` plus ``run_dir`` and ``run_id`` (None when unfinished).
     """
     from safetensors.torch import load_file
@@ -116,7 +117,8 @@ def load_trained(run_dir: str | Path, device=None):
         raise GaplessError(weights_path, "missing from the training run folder", f"{_RETRAIN}; {_FIX}")
     try:
         model = create_model(config.backbone, config.head, int(config.num_classes), in_chans=int(config.in_chans),
-                             pretrained=False, **(config.head_kwargs or {}))
+                             pretrained=False, backbone_kwargs=config.backbone_kwargs or {},
+                             **(config.head_kwargs or {}))
     except GaplessError as exc:
         raise GaplessError(run_dir / MODEL_JSON, exc.cause, exc.fix) from None
     try:

@@ -178,3 +178,6 @@ class HeatmapSettings:
         help="rank: per-slide percentile, the same [0, 1] scale for every head; raw: the positive class's "
              "contribution; attention: the tile probability spread by the head's attention")
     batch_size: int = setting(64, help="tiles per inference batch")
+    gradcam: bool = setting(
+        True, help="also the positive class's Grad-CAM (Selvaraju et al. 2017) from the same forward pass, for every "
+                   "head: a second map written, scored (gradcam_* scores) and shown beside the head's own")

@@ -282,12 +282,31 @@ def open_store(path: str | Path, check: bool = True):
     except Exception as exc:
         raise GaplessError(path, f"not a zarr store ({exc.__class__.__name__})", "pass a store written by `gapless tile`") from None
     if root.attrs.get("schema") == BATCH_SCHEMA:
-        batch_samples(root, path)  # every sample's attributes
+        # a heatmap job opens a batch store once per sample: its entries are parsed once per process
+        # while its zarr.json is unchanged
+        key = _attrs_key(path)
+        if key is None or key not in _PARSED:
+            batch_samples(root, path)  # every sample's attributes
+            if key is not None:
+                _PARSED.add(key)
     else:
         TileStoreAttrs.from_attrs(root.attrs, path)  # the schema, and every attribute a reader relies on
     if check:
         check_integrity(path, root.attrs)
     return root
+
+
+_PARSED: set = set()
+
+
+def _attrs_key(path: Path):
+    """(path, zarr.json's size and mtime): what a batch store's parsed entries depend on; None when
+    zarr.json cannot be read."""
+    try:
+        stat = (path / "zarr.json").stat()
+    except OSError:
+        return None
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 def store_info(path: str | Path, verify: bool = False, sample_id: str | None = None) -> dict:
@@ -399,11 +418,12 @@ def open_sample(path: str | Path, sample_id: str | None = None, check: bool = Tr
         n = int(root["tiles"].shape[0])
         name = sample_id or path.name.removesuffix(".zarr")
         return SampleTiles(path, name, store_attrs(root, path), root, 0, n)
-    entries = batch_samples(root, path)
+    entries = root.attrs["samples"]  # open_store checked every entry
     if sample_id is None and len(entries) == 1:
-        sample_id = entries[0][0]["sample_id"]
-    for index, (entry, attrs) in enumerate(entries):
-        if entry["sample_id"] == sample_id:
+        sample_id = entries[0]["sample_id"]
+    for index, entry in enumerate(entries):
+        if entry["sample_id"] == sample_id:  # only this one parsed: a cohort's job opens every sample
+            attrs = TileStoreAttrs.from_attrs({**entry, "schema": SCHEMA}, path)
             shapes = {"thumbnail": entry.get("thumbnail_shape"), "tissue_mask": entry.get("tissue_mask_shape")}
             return SampleTiles(path, sample_id, attrs, root, int(entry["start"]), int(attrs.n_tiles), index, shapes)
     raise GaplessError(path, f"the batch store holds no sample {sample_id!r} ({len(entries)} samples)",

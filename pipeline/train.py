@@ -118,18 +118,42 @@ def loss_fn(out, y):
     return F.nll_loss(logits, y) if out.scores_are_log_probs else F.cross_entropy(logits, y)
 
 
-def train_step(model, x, y, optimiser, autocast, grad_clip: float):
-    """One optimisation step: forward under ``autocast``, the loss in float32, backward, clip, step."""
+def micro_batch(batch_size: int, image_px: int, max_batch_pixels: int | None) -> int:
+    """Images per forward pass: the whole batch, or as many as ``max_batch_pixels`` allows (at least one)."""
+    if not max_batch_pixels:
+        return batch_size
+    return max(1, min(batch_size, max_batch_pixels // (image_px * image_px)))
+
+
+def train_step(model, x, y, optimiser, autocast, grad_clip: float, micro: int | None = None):
+    """One optimisation step: forward under ``autocast``, the loss in float32, backward, clip, step.
+
+    ``micro`` < len(x): the batch goes through in chunks of ``micro`` images whose gradients add up
+    (each chunk's mean loss weighted by its share of the batch), so large images fit in memory and the
+    step is the whole batch's; only BatchNorm sees the smaller chunks. A DistributedDataParallel model
+    synchronises its gradients on the last chunk only.
+    """
+    import contextlib
+
     import torch
 
-    with autocast():
-        out = model(x)
-    loss = loss_fn(out, y)
     optimiser.zero_grad(set_to_none=True)
-    loss.backward()
+    n = len(x)
+    micro = n if not micro or micro >= n else micro
+    starts = range(0, n, micro)
+    total = 0.0
+    for i, start in enumerate(starts):
+        last = i == len(starts) - 1
+        quiet = model.no_sync() if (not last and hasattr(model, "no_sync")) else contextlib.nullcontext()
+        with quiet:
+            with autocast():
+                out = model(x[start:start + micro])
+            loss = loss_fn(out, y[start:start + micro]) * (min(micro, n - start) / n)
+            loss.backward()
+        total = total + loss.detach()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimiser.step()
-    return loss
+    return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +255,8 @@ def build_model(settings: TrainSettings, classes, cohort: Cohort, device):
     from pipeline.models import create_model
 
     model = create_model(settings.backbone, settings.head, len(classes), in_chans=cohort.table.channels,
-                         pretrained=settings.pretrained, **settings.head_kwargs).to(device)
+                         pretrained=settings.pretrained, backbone_kwargs=settings.backbone_kwargs,
+                         **settings.head_kwargs).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return model, sum(p.numel() for p in model.parameters())
@@ -291,7 +316,7 @@ def fit(model, loaders: Loaders, optimiser, schedule, run, settings: TrainSettin
         t0 = time.perf_counter()
         for x, y, _ in bar:
             loss = train_step(model, to_device(x, device), y.to(device, non_blocking=True), optimiser, autocast,
-                              settings.grad_clip)
+                              settings.grad_clip, micro_batch(len(x), x.shape[-1], settings.max_batch_pixels))
             schedule.step()
             losses.append(loss.item())
             images += len(x) * world.size
@@ -340,7 +365,7 @@ def save_run(work: Path, run, model, settings: TrainSettings, classes, cohort: C
     write_model_config(work, ModelConfig(
         backbone=settings.backbone, head=settings.head, num_classes=len(classes), in_chans=table.channels,
         classes=list(classes), mean=loaders.mean, std=loaders.std, head_kwargs=settings.head_kwargs,
-        tile_size=table.tile_size, image_size=settings.image_size, modality=table.modality, mpp=table.mpp,
+        backbone_kwargs=settings.backbone_kwargs, tile_size=table.tile_size, image_size=settings.image_size, modality=table.modality, mpp=table.mpp,
         head_info=head_info(settings.head).to_dict()))
     write_json(work, METRICS_JSON, final)
     for name in (WEIGHTS, MODEL_JSON, METRICS_JSON):

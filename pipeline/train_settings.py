@@ -27,7 +27,7 @@ class TrainSettings:
     """
 
     backbone: str = setting("resnet10t", help="timm model name")
-    head: str = setting("gap", help="a registered head: gap | max | cbam | attnpool | saol, or one you add")
+    head: str = setting("gap", help="a registered head: gap | max | cbam | attnpool | ltpa | saol, or one you add")
     seed: int = setting(0, help="fixes the split, the initialisation and the data order")
     pretrained: bool | str = setting(False, parse=_pretrained, metavar="false|true|FILE",
                                      help="false (from scratch) | true (timm hub) | a local weights file")
@@ -40,6 +40,10 @@ class TrainSettings:
     warmup_epochs: float = setting(1.0, help="linear warm-up length in epochs")
     grad_clip: float = setting(1.0, help="gradient norm clip")
     image_size: int | None = setting(None, help="px fed to the model (default: the tile size)")
+    max_batch_pixels: int | None = setting(None, help="at most this many pixels (images × side²) per forward pass: "
+                                                      "a larger batch goes through in chunks whose gradients add up "
+                                                      "(the same optimiser step), so whole fields fit in memory "
+                                                      "(default: the whole batch at once)")
     steps_per_epoch: int | None = setting(None, help="batches per epoch, drawn class-balanced (default: one pass over "
                                                      "the training tiles)")
     split_fractions: tuple[float, float, float] = setting(
@@ -52,6 +56,10 @@ class TrainSettings:
     workers: int | None = None  # data-loader processes; None: from ``threads`` (see loader_workers); no flag
     head_kwargs: dict = setting(default_factory=dict, parse=json_object,
                                 help='the head\'s own options as JSON, e.g. \'{"num_heads": 2}\'')
+    backbone_kwargs: dict = setting(default_factory=dict, parse=json_object,
+                                    help='extra timm.create_model arguments for the backbone as JSON, e.g. a narrower '
+                                         'ResNet \'{"channels": [32, 64, 128, 256], "stem_width": 16}\' '
+                                         '(a head\'s own, e.g. cbam\'s block_args, take precedence)')
     accept_flagged: bool = setting(False, help="train on tile stores that QC flagged (e.g. annotations off the tissue) "
                                                "instead of refusing them")
 
@@ -68,6 +76,8 @@ class TrainSettings:
         need(isinstance(self.batch_size, int) and self.batch_size >= 2, "batch-size", self.batch_size,
              "a whole number of 2 or more (batch norm needs two)")
         need(finite(self.lr) and self.lr > 0, "lr", self.lr, "a positive number")
+        need(self.max_batch_pixels is None or (isinstance(self.max_batch_pixels, int) and self.max_batch_pixels >= 1),
+             "max-batch-pixels", self.max_batch_pixels, "a whole number of pixels, e.g. 4000000, or null")
         need(finite(self.weight_decay) and self.weight_decay >= 0, "weight-decay", self.weight_decay, "0 or more")
         need(finite(self.warmup_epochs) and self.warmup_epochs >= 0, "warmup-epochs", self.warmup_epochs, "0 or more")
         need(finite(self.grad_clip) and self.grad_clip > 0, "grad-clip", self.grad_clip, "a positive number")
@@ -85,6 +95,7 @@ class TrainSettings:
         need(len(fractions) == 3 and all(finite(f) and f >= 0 for f in fractions) and sum(fractions) > 0, "split",
              fractions, "three numbers of 0 or more for train, val and test, not all 0")
         need(isinstance(self.head_kwargs, dict), "head-kwargs", self.head_kwargs, "a JSON object")
+        need(isinstance(self.backbone_kwargs, dict), "backbone-kwargs", self.backbone_kwargs, "a JSON object")
         if problems:
             raise GaplessError(None, "; ".join(problems), "fix the value (in the workflow: the `train` section of the config)")
         return self

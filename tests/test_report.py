@@ -43,17 +43,27 @@ def localisation(wf: str, head: str, seed: int) -> tuple[float, float]:
     return base - 0.02, base + 0.02
 
 
+def gradcam(wf: str, head: str, seed: int) -> tuple[float, float]:
+    """Two positive samples' Grad-CAM localisation AUROCs: saol 0.1 above gap on every seed."""
+    base = {"gap": 0.55, "cbam": 0.58, "saol": 0.65}.get(head, 0.5) + 0.02 * seed + (0.03 if wf == "0.05" else 0.0)
+    return base - 0.03, base + 0.03
+
+
 def _child(info: dict, head: str, seed: int, wf: str, status: str = "FINISHED", samples: str = "",
-           metrics: dict | None = None, head_info: HeadInfo | None = None, head_tags: bool = True) -> str:
+           metrics: dict | None = None, head_info: HeadInfo | None = None, head_tags: bool = True,
+           params: dict | None = None, with_gradcam: bool = True) -> str:
     """A training run as training logs it; ``head_info``: other head tags than the catalog's; ``head_tags``
-    False: a run logged before training wrote head tags (only ``head`` and ``seed``)."""
+    False: a run logged before training wrote head tags (only ``head`` and ``seed``); ``params``: more
+    (or other) params, e.g. another sweep's demo keys; ``with_gradcam`` False: heatmaps scored before
+    Grad-CAM (no ``gradcam_*`` scores)."""
     tags = mlflow_names.training_tags(head_info or HEADS[head], seed, "resnet10t")
     if not head_tags:
         tags = {"head": head, "seed": str(seed), "backbone": "resnet10t"}
     run = RunLogger.start(info["tracking_uri"], info["experiment_id"], f"{head}-seed{seed}", info["parent_run_id"],
                           tags=tags)
     run.params({"head": head, "seed": seed, "backbone": "resnet10t", "train.kind": "slide",
-                "config.demo.witness_fraction": wf, "config.demo.cell_density": 40.0, "config.samples": samples})
+                "config.demo.witness_fraction": wf, "config.demo.cell_density": 40.0, "config.samples": samples,
+                **(params or {})})
     run.metrics({"val_auroc": 0.5, "train_loss": 1.0}, step=0)
     final = {"test_auroc": tile_auroc(wf, head, seed), "test_sample_auroc_mean": tile_auroc(wf, head, seed) + 0.1,
              "test_sample_auroc_max": tile_auroc(wf, head, seed) + 0.05, "parameters": 1000 + len(head),
@@ -67,6 +77,12 @@ def _child(info: dict, head: str, seed: int, wf: str, status: str = "FINISHED", 
                  "heatmap/S2/pointing_game_top5": 0.4, "heatmap/S2/witness_cells": 7,
                  # a negative sample: no witnesses, so it must not count (a stray score included)
                  "heatmap/N1/localisation_auroc": 0.01, "heatmap/N1/witness_cells": 0, "heatmap/N1/tissue_cells": 99})
+    if with_gradcam:  # the Grad-CAM map's scores, logged beside the head map's (a stray one on N1 again)
+        a, b = gradcam(wf, head, seed)
+        run.metrics({"heatmap/S1/gradcam_localisation_auroc": a, "heatmap/S1/gradcam_pointing_game_top1": 0.0,
+                     "heatmap/S1/gradcam_pointing_game_top5": 0.6, "heatmap/S2/gradcam_localisation_auroc": b,
+                     "heatmap/S2/gradcam_pointing_game_top1": 1.0, "heatmap/S2/gradcam_pointing_game_top5": 0.2,
+                     "heatmap/N1/gradcam_localisation_auroc": 0.99})
     run.finish(status)
     return run.run_id
 
@@ -134,6 +150,14 @@ def test_means_and_intervals_match_scipy(comparison):
             assert r["pointing_game_top1_mean"] == pytest.approx(0.5)
             assert r["pointing_game_top5_mean"] == pytest.approx(0.6)
             assert r["pointing_game_top5_ci_low"] == pytest.approx(0.6)  # the same on every seed: zero width
+            # the Grad-CAM map's scores, averaged over the same samples (N1's stray 0.99 left out)
+            mean, lo, hi = _scipy_interval([np.mean(gradcam(wf, head, s)) for s in SEEDS])
+            assert r["gradcam_localisation_auroc_n"] == 3
+            assert r["gradcam_localisation_auroc_mean"] == pytest.approx(mean)
+            assert (r["gradcam_localisation_auroc_ci_low"], r["gradcam_localisation_auroc_ci_high"]) == (
+                pytest.approx(lo), pytest.approx(hi))
+            assert r["gradcam_pointing_game_top1_mean"] == pytest.approx(0.5)
+            assert r["gradcam_pointing_game_top5_mean"] == pytest.approx(0.4)
             assert r["parameters_mean"] == 1000 + len(head)
             assert r["train_images_per_s_mean"] == pytest.approx(101.0)
             assert r["peak_memory_mb_mean"] == pytest.approx(510.0)
@@ -184,6 +208,9 @@ def test_paired_differences_and_verdicts(comparison):
     # localisation: saol is 0.15 above gap on every seed
     assert row("0.01", "saol", "localisation_auroc")["verdict"] == "better"
     assert row("0.01", "saol", "localisation_auroc")["mean_diff"] == pytest.approx(0.15)
+    # Grad-CAM localisation: saol is 0.1 above gap on every seed
+    assert row("0.05", "saol", "gradcam_localisation_auroc")["verdict"] == "better"
+    assert row("0.05", "saol", "gradcam_localisation_auroc")["mean_diff"] == pytest.approx(0.1)
     assert report.verdict(1, float("nan"), float("nan")) == "n too small"
     assert report.verdict(3, -0.01, 0.02) == "no evidence of a difference"
 
@@ -227,6 +254,9 @@ def test_files_and_the_markdown(comparison):
     assert "no evidence of a difference" in text and "No correction for multiple comparisons" in text
     assert "single seed" in text
     assert "![metrics vs witness fraction](metric_vs_witness_fraction.png)" in text
+    assert "The figure puts witness fraction on its x axis (0.01, 0.05)" in text  # not on a log scale: 5×
+    assert "- x axis: `config.demo.witness_fraction`" in text
+    assert "| Grad-CAM localisation AUROC |" in text and "No run has Grad-CAM" not in text
 
 
 def test_the_parent_run_holds_the_report(comparison):
@@ -275,7 +305,9 @@ def test_own_data_has_no_demo_setting_and_the_command_line(comparison, tmp_path)
                      "--setting-key", "train.kind"]) == 0
     summary = pd.read_csv(tmp_path / "out" / "summary.tsv", sep="\t")
     assert list(summary["head"]) == ["gap", "saol"] and list(summary["kind"]) == ["slide", "slide"]
-    assert (tmp_path / "out" / "metric_vs_witness_fraction.png").is_file()  # no witness fraction: one dot per head
+    # kind alone is the setting: it is the x axis (one category, a dot per head), and names the plot
+    assert (tmp_path / "out" / "metric_vs_kind.png").is_file()
+    assert not (tmp_path / "out" / "metric_vs_witness_fraction.png").exists()
     assert not MlflowClient(uri).list_artifacts(own["parent_run_id"], "report")
     assert cli.main(["report", "--comparison", str(tmp_path / "missing.json")]) == 2
 
@@ -379,3 +411,148 @@ def test_the_report_needs_neither_torch_nor_the_viewer():
             "print(sorted({'torch', 'timm', 'pipeline.models', 'pipeline.viewer'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings and the x axis from the sweep: instances per image, image modality (config/instances.yaml)
+
+INSTANCES = (16, 1024)
+MODALITIES = ("fluorescence", "brightfield")
+DEMO = {"slides": 0, "images": 48, "cell_density": 40.0, "witness_fraction": 0.05, "cells_per_image": 0,
+        "witnesses": 1, "image_modality": "fluorescence", "image_mpp": 1.0}
+
+
+def _datasets(sweep: list[dict]) -> dict:
+    """name → demo settings as the workflow makes them (common.smk: the entry's keys over ``demo``)."""
+    return {e["name"]: {**DEMO, **{k: v for k, v in e.items() if k != "name"}} for e in sweep}
+
+
+def _instance_sweep(instances=INSTANCES, modalities=MODALITIES) -> list[dict]:
+    return [{"name": f"{m[0]}{n}", "cells_per_image": n, "image_modality": m} for m in modalities for n in instances]
+
+
+def test_the_settings_and_the_x_axis_come_from_the_sweep():
+    cpi, modality = "config.demo.cells_per_image", "config.demo.image_modality"
+    sweep = _instance_sweep((16, 64, 256, 1024))
+    keys, x = report.sweep_settings(sweep, _datasets(sweep), ["image"], "auto", DEMO)
+    assert keys == ("train.kind", cpi, modality) and x == cpi  # 4 numbers beat 2 modalities
+    assert report.plot_file(x) == "metric_vs_cells_per_image.png"
+    # report.x names the axis: a swept key, kind, or a demo key the sweep keeps (added to the settings)
+    assert report.sweep_settings(sweep, _datasets(sweep), ["image"], "image_modality", DEMO) == (keys, modality)
+    assert report.sweep_settings(sweep, _datasets(sweep), ["image"], "kind", DEMO) == (keys, "train.kind")
+    assert report.sweep_settings(sweep, _datasets(sweep), ["image"], "witnesses", DEMO) == (
+        (*keys, "config.demo.witnesses"), "config.demo.witnesses")
+    with pytest.raises(ValueError, match="report.x 'instances' is neither kind nor a demo key"):
+        report.sweep_settings(sweep, _datasets(sweep), ["image"], "instances", DEMO)
+    # no sweep: today's settings and axis
+    assert report.sweep_settings([], {"": DEMO}, ["slide"]) == (report.DEFAULT_SETTING_KEYS, report.WITNESS_KEY)
+    assert report.sweep_settings([], {"": DEMO}, ["slide"], "cell_density", DEMO) == (
+        report.DEFAULT_SETTING_KEYS, "config.demo.cell_density")
+    # the benchmark's sweep: witness fraction takes 3 values, cell density 2 (the entries without it: demo's)
+    bench = [{"name": "w20", "witness_fraction": 0.2}, {"name": "w05", "witness_fraction": 0.05},
+             {"name": "w01", "witness_fraction": 0.01}, {"name": "w05dense", "witness_fraction": 0.05, "cell_density": 60.0}]
+    assert report.sweep_settings(bench, _datasets(bench), ["slide"]) == (report.DEFAULT_SETTING_KEYS, report.WITNESS_KEY)
+    # ties go to the first key in sweep order
+    tie = [{"name": "a", "cell_density": 30.0, "witness_fraction": 0.1}, {"name": "b", "cell_density": 60.0, "witness_fraction": 0.2}]
+    assert report.sweep_settings(tie, _datasets(tie), ["slide"])[1] == "config.demo.cell_density"
+    # no numeric key: the modality is a categorical axis; a numeric key that does not vary loses to it
+    only = [{"name": "f", "image_modality": "fluorescence"}, {"name": "b", "image_modality": "brightfield"}]
+    assert report.sweep_settings(only, _datasets(only), ["image"]) == (("train.kind", modality), modality)
+    fixed = [{**e, "witnesses": 2} for e in only]
+    assert report.sweep_settings(fixed, _datasets(fixed), ["image"])[1] == modality
+    # nothing varies but the kind: kind
+    same = [{"name": "f", "image_modality": "fluorescence"}]
+    assert report.sweep_settings(same, _datasets(same), ["slide", "image"])[1] == "train.kind"
+
+
+@pytest.fixture(scope="module")
+def instances(comparison, tmp_path_factory):
+    """A comparison over a sweep of instances per image in two modalities, run before heatmaps logged
+    Grad-CAM scores: gap and saol, two seeds; saol gains on gap as the fields get more cells (+0.10 at 1024)."""
+    root, info, _, _ = comparison
+    uri = info["tracking_uri"]
+    sweep = _instance_sweep()
+    keys, x = report.sweep_settings(sweep, _datasets(sweep), ["image"], "auto", DEMO)
+    run = setup_comparison("gapless-report-test", uri, root / "results", run_name="instances")
+    for m, modality in enumerate(MODALITIES):
+        for i, n in enumerate(INSTANCES):
+            for head in ("gap", "saol"):
+                for seed in (0, 1):
+                    auroc = 0.9 - 0.1 * i - 0.05 * m + 0.01 * seed + (0.1 * i if head == "saol" else 0.0)
+                    _child(run, head, seed, "0.05", with_gradcam=False, metrics={"test_auroc": auroc},
+                           params={"train.kind": "image", "config.demo.cells_per_image": n,
+                                   "config.demo.image_modality": modality})
+    out = tmp_path_factory.mktemp("instances") / "report"
+    result = report.write_report(uri, run["parent_run_id"], out, setting_keys=keys, x_key=x, log_mlflow=False)
+    return run, keys, x, out, result
+
+
+def test_instances_per_image_on_x_a_row_per_modality_and_no_grad_cam(instances):
+    _, keys, x, out, result = instances
+    assert result["x_key"] == x == "config.demo.cells_per_image"
+    assert (out / "metric_vs_cells_per_image.png").is_file() and not (out / "metric_vs_witness_fraction.png").exists()
+    with Image.open(out / "metric_vs_cells_per_image.png") as im:
+        im.verify()
+    summary = result["summary"]
+    assert list(summary.columns) == report.summary_columns(keys)
+    assert list(summary.columns[:3]) == ["kind", "cells_per_image", "image_modality"]
+    assert len(summary) == len(INSTANCES) * len(MODALITIES) * 2
+    layout = report.metric_layout(summary, keys, x)
+    # two numbers beat two modalities; 16 … 1024 span 64×: a log axis
+    assert layout.axis.column == "cells_per_image" and layout.axis.numeric and layout.axis.log
+    assert layout.axis.categories == [str(n) for n in INSTANCES]
+    assert layout.others == ["image_modality"]  # kind (image only) is the same everywhere: no row of its own
+    assert sorted(layout.titles) == ["image_modality brightfield", "image_modality fluorescence"]
+    # the runs have no Grad-CAM scores: n/a (n 0, NaN), left out of the figure and the paired comparison
+    gradcam = [m for m, _ in report.INTERVAL_METRICS if m.startswith("gradcam_")]
+    assert len(gradcam) == 3 and not set(gradcam) & {m for m, _ in layout.metrics}
+    assert [m for m, _ in layout.metrics] == [m for m, _ in report.INTERVAL_METRICS if not m.startswith("gradcam_")]
+    for m in gradcam:
+        assert (summary[f"{m}_n"] == 0).all() and summary[f"{m}_mean"].isna().all()
+    assert result["runs"]["gradcam_localisation_auroc"].isna().all()
+    tsv = pd.read_csv(out / "summary.tsv", sep="\t")
+    assert tsv["gradcam_localisation_auroc_mean"].isna().all()
+    paired = result["paired"]
+    assert "gradcam_localisation_auroc" not in set(paired["metric"])
+    assert set(paired["metric"]) == set(report.PAIRED_METRICS) - {"gradcam_localisation_auroc"}
+    # saol against gap per instances × modality; at 1024 cells it is 0.10 better on every seed
+    big = paired[(paired["cells_per_image"] == "1024") & (paired["metric"] == "test_auroc")]
+    assert len(big) == 2 and set(big["verdict"]) == {"better"} and big["mean_diff"].tolist() == pytest.approx([0.1, 0.1])
+    text = (out / "report.md").read_text()
+    assert "The figure puts cells per image on its x axis (16, 1024, on a log scale)" in text
+    assert "image_modality vary too, so it has a row of panels per combination" in text
+    assert "witness fraction" not in text
+    assert "No run has Grad-CAM localisation scores" in text and "Grad-CAM localisation AUROC" not in text
+    assert "![metrics vs cells per image](metric_vs_cells_per_image.png)" in text
+    assert "### kind image, cells_per_image 1024, image_modality brightfield" in text
+
+
+def test_the_command_line_chooses_the_x_axis_from_the_runs(instances, tmp_path):
+    run, keys, _, _, _ = instances
+    comparison_file = tmp_path / "comparison.json"
+    comparison_file.write_text(json.dumps(run))
+    flags = [a for k in keys for a in ("--setting-key", k)]
+    base = ["report", "--comparison", str(comparison_file), "--no-mlflow"] + flags
+    assert cli.main(base + ["--out", str(tmp_path / "auto")]) == 0  # --x auto: the numeric setting that varies most
+    assert [p.name for p in (tmp_path / "auto").glob("metric_vs_*.png")] == ["metric_vs_cells_per_image.png"]
+    assert cli.main(base + ["--out", str(tmp_path / "bad"), "--x", "witnesses"]) == 2  # not a setting key
+    assert not (tmp_path / "bad").exists()
+    runs = report.collect_runs(run["tracking_uri"], run["parent_run_id"], keys)
+    values = {k: [r["setting"][i] for r in runs] for i, k in enumerate(keys)}
+    assert report.resolve_x("auto", keys, values) == "config.demo.cells_per_image"
+    assert report.resolve_x("image_modality", keys, values) == "config.demo.image_modality"
+
+
+def test_a_categorical_x_axis_when_the_sweep_varies_no_number(instances, tmp_path):
+    _, keys, _, _, result = instances
+    modality = "config.demo.image_modality"
+    layout = report.metric_layout(result["summary"], keys, modality)
+    assert not layout.axis.numeric and not layout.axis.log
+    assert layout.axis.categories == ["brightfield", "fluorescence"]
+    assert layout.others == ["cells_per_image"] and len(layout.groups) == len(INSTANCES)
+    few = result["summary"][result["summary"]["cells_per_image"] == "16"]  # one row of groups: quick to draw
+    assert report.metric_layout(few, keys, modality).others == []
+    path = report.plot_metrics(few, tmp_path / report.plot_file(modality), keys, modality)
+    assert path.name == "metric_vs_image_modality.png"
+    with Image.open(path) as im:
+        im.verify()

@@ -37,6 +37,7 @@ JOB_ONLY = {
     HeatmapSettings: set(),
 }
 KINDS = ("slide", "image")
+KIND_ONLY = {"slide": {"whole"}}  # settings the config does not offer for a kind (no whole-slide tile)
 
 
 def schema_defaults(section: dict) -> dict:
@@ -59,6 +60,7 @@ def sections() -> list[tuple[str, type, dict, dict]]:
     shared = {k: v for k, v in schema_defaults(tiling).items() if k not in KINDS}
     for kind in KINDS:  # a kind's grid over the shared keys, as the tile rule passes them
         ours = {**dataclass_side(TileSettings), **TileSettings.KIND_DEFAULTS[kind]}
+        ours = {k: v for k, v in ours.items() if k not in KIND_ONLY.get(kind, set())}
         found.append((f"tiling.{kind}", TileSettings, {**shared, **schema_defaults(tiling["properties"][kind])}, ours))
     return found
 
@@ -120,10 +122,10 @@ def test_the_tile_flags_keep_their_meaning():
 
 
 def test_an_unknown_setting_is_one_line_naming_it(tmp_path, capsys):
-    code = cli.main(["demo", "--out", str(tmp_path / "demo"), "--settings", '{"slides": 1, "witnesses": 0.2}'])
+    code = cli.main(["demo", "--out", str(tmp_path / "demo"), "--settings", '{"slides": 1, "witness_fractions": 0.2}'])
     assert code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("gapless demo: error: --settings: 'witnesses' is not a setting of DemoSettings")
+    assert err.startswith("gapless demo: error: --settings: 'witness_fractions' is not a setting of DemoSettings")
     assert "\n" not in err and "witness_fraction" in err
     assert not (tmp_path / "demo").exists()
 

@@ -367,7 +367,7 @@ def test_a_sweep_plans_one_dataset_and_cohort_per_entry(tmp_path: Path) -> None:
 
 
 def test_the_benchmark_presets_are_valid_configs(tmp_path: Path) -> None:
-    for name in ("benchmark.yaml", "benchmark_gpu.yaml", "gpu.yaml"):
+    for name in ("benchmark.yaml", "benchmark_gpu.yaml", "gpu.yaml", "instances.yaml", "instances_gpu.yaml"):
         result = snakemake(tmp_path, "--configfile", str(DEFAULT_CONFIG), str(REPO / "config" / name), "-n", "--cores", "2")
         assert result.returncode == 0, name + output(result)
         assert job_counts(result.stdout)["train"] > 0
@@ -395,3 +395,48 @@ def test_device_cpu_takes_no_gpu_unit_so_jobs_share_the_cores(tmp_path: Path) ->
                 assert all(f"--device {device}" in b for b in jobs), (rule, device)
         heatmaps = [b for b in blocks if b.startswith("heatmap:")]
         assert all(f"--threads {1 if device == 'cpu' else 2}" in b for b in heatmaps)
+
+
+def _compare_block(dry_run_stdout: str) -> str:
+    """The compare job's block of a dry run's output (`-n -p`): its output files and shell command."""
+    (block,) = [b for b in dry_run_stdout.split("\nrule ") if b.startswith("compare:")]
+    return block
+
+
+def test_the_report_takes_its_settings_and_x_axis_from_the_sweep(tmp_path: Path) -> None:
+    """The compare job gets train.kind and every demo key the sweep sets as --setting-key, and the x axis
+    (--x): report.x, else the numeric swept key with the most distinct values; the plot is named after it."""
+    sweep = [{"name": f"{m[0]}{n}", "cells_per_image": n, "image_modality": m}
+             for m in ("fluorescence", "brightfield") for n in (16, 64, 256)]
+    base = {"sweep": sweep, "demo": {"slides": 0, "images": 8, "image_mpp": 1.0, "witnesses": 1},
+            "train": {"kinds": ["image"], "heads": ["gap", "saol"], "seeds": [0, 1]}}
+    keys = ("--setting-key train.kind --setting-key config.demo.cells_per_image "
+            "--setting-key config.demo.image_modality")
+    auto = write_config(tmp_path / "auto.yaml", base)
+    result = snakemake(tmp_path, "--configfile", str(DEFAULT_CONFIG), str(auto), "-n", "-p", "--cores", "2")
+    assert result.returncode == 0, output(result)
+    block = _compare_block(result.stdout)
+    assert f"gapless report --comparison results/mlflow/comparison.json --out results/report {keys} " \
+           "--x config.demo.cells_per_image --heatmap gap=" in block
+    assert "results/report/metric_vs_cells_per_image.png" in block and "metric_vs_witness_fraction" not in block
+
+    # report.x: a demo key the sweep does not vary is added to the settings; an unknown one is refused
+    chosen = write_config(tmp_path / "chosen.yaml", {**base, "report": {"x": "witnesses"}})
+    result = snakemake(tmp_path, "--configfile", str(DEFAULT_CONFIG), str(chosen), "-n", "-p", "--cores", "2")
+    assert result.returncode == 0, output(result)
+    block = _compare_block(result.stdout)
+    assert f"{keys} --setting-key config.demo.witnesses --x config.demo.witnesses " in block
+    assert "results/report/metric_vs_witnesses.png" in block
+    wrong = write_config(tmp_path / "wrong.yaml", {**base, "report": {"x": "instances"}})
+    result = snakemake(tmp_path, "--configfile", str(DEFAULT_CONFIG), str(wrong), "-n", "--cores", "2")
+    assert result.returncode != 0
+    assert "report.x 'instances' is neither kind nor a demo key" in output(result)
+
+
+def test_without_a_sweep_the_report_keeps_its_settings_and_axis(tmp_path: Path) -> None:
+    result = snakemake(tmp_path, "--configfile", str(DEFAULT_CONFIG), "-n", "-p", "--cores", "2")
+    assert result.returncode == 0, output(result)
+    block = _compare_block(result.stdout)
+    assert ("--setting-key train.kind --setting-key config.demo.witness_fraction --setting-key config.demo.cell_density"
+            " --x config.demo.witness_fraction ") in block
+    assert "results/report/metric_vs_witness_fraction.png" in block

@@ -198,7 +198,8 @@ def _run_heatmap(args) -> None:
         t0 = time.perf_counter()
         result = heatmap_sample(args.store, run_dir, out, sample_id=args.sample, normalisation=settings.normalisation,
                                 annotations=args.annotations, positive_classes=tuple(args.positive_class),
-                                batch_size=settings.batch_size, tracking_uri=uri, progress=not args.quiet, device=args.device)
+                                batch_size=settings.batch_size, tracking_uri=uri, progress=not args.quiet, device=args.device,
+                                gradcam=settings.gradcam)
         for head, r in result.items():
             scores = ", ".join(f"{k} {v:.3f}" for k, v in r["scores"].items() if isinstance(v, float))
             print(f"heatmap: {head} ({run_dir}) on {args.store.name}: {r['tiles']} tiles, {r['canvas'][1]}×{r['canvas'][0]} "
@@ -224,9 +225,21 @@ def _run_heatmap_cohort(args, settings, uri) -> None:
     if missing:
         raise GaplessError(args.tiles, f"no tile store for {len(missing)} sample(s), e.g. {', '.join(missing[:3])}",
                            "tile them first (the workflow's tile and tile_batch jobs)")
+    outputs = None
+    if args.outputs_for is not None:
+        try:
+            outputs = {line.strip() for line in args.outputs_for.read_text(encoding="utf-8").splitlines() if line.strip()}
+        except OSError as exc:
+            raise GaplessError(args.outputs_for, f"cannot read the list of samples to write ({exc.strerror})",
+                               "pass a text file with one sample id per line") from None
+        unknown = sorted(outputs - set(stores))
+        if unknown:
+            raise GaplessError(args.outputs_for, f"names {len(unknown)} sample(s) not in the cohort, e.g. "
+                               f"{', '.join(unknown[:3])}", "list sample ids of the --samples sheet (--kind)")
     t0 = time.perf_counter()
     doc = heatmap_cohort(args.model[0], stores, args.out[0], args.manifest, settings.normalisation,
-                         tuple(args.positive_class), settings.batch_size, uri, progress=not args.quiet, device=args.device)
+                         tuple(args.positive_class), settings.batch_size, uri, progress=not args.quiet, device=args.device,
+                         gradcam=settings.gradcam, outputs=outputs)
     seconds = time.perf_counter() - t0
     print(f"heatmap: {doc['head']} ({args.model[0]}) on {len(stores)} samples in {seconds:.1f} s "
           f"({len(stores) / max(seconds, 1e-9):.1f} samples/s) -> {args.out[0]}")
@@ -243,9 +256,9 @@ def _run_report(args) -> None:
         raise GaplessError(None, "no tracking URI or comparison run", "pass --comparison, or --tracking-uri and --parent-run-id")
     pngs = _key_values(args.heatmap, "--heatmap", "gap=results/heatmaps/gap/seed0/S1.png")
     result = write_report(uri, parent, args.out, pngs or None, tuple(args.setting_key or DEFAULT_SETTING_KEYS),
-                          log_mlflow=not args.no_mlflow)
+                          log_mlflow=not args.no_mlflow, x_key=args.x)
     print(f"report: {len(result['summary'])} setting × head rows, {len(result['paired'])} paired comparisons, "
-          f"{len(result['skipped'])} skipped runs -> {args.out}")
+          f"{len(result['skipped'])} skipped runs, x axis {result['x_key']} -> {args.out}")
 
 
 def _run_pyramid(args) -> None:

@@ -136,6 +136,9 @@ def _add_heatmap(sub) -> None:
     p.add_argument("--kind", choices=["slide", "image"], default=None, help="with --samples: which samples (default all)")
     p.add_argument("--manifest", type=Path, default=None,
                    help="with --samples: JSON listing each sample's files and scores (written last)")
+    p.add_argument("--outputs-for", type=Path, default=None, metavar="FILE",
+                   help="with --samples: write files only for the sample ids in FILE (one per line; may be empty); "
+                        "every sample is still mapped and scored (default: files for all)")
     p.add_argument("--model", type=Path, action="append", required=True, metavar="RUN_DIR",
                    help="training run folder (weights.safetensors, model.json); repeat for several, each with its --out")
     p.add_argument("--out", type=Path, action="append", required=True, metavar="DIR",
@@ -223,7 +226,10 @@ def _add_report(sub) -> None:
                    help="one slide's heatmap PNG per head, for the side-by-side figure (repeat)")
     p.add_argument("--setting-key", action="append", default=None, metavar="PARAM",
                    help="run param that defines a setting (repeat; default train.kind config.demo.witness_fraction "
-                        "config.demo.cell_density)")
+                        "config.demo.cell_density; the workflow passes train.kind and the demo keys its sweep varies)")
+    p.add_argument("--x", default="auto", metavar="PARAM",
+                   help="the setting on the metric plot's x axis (metric_vs_<x>.png): a setting key or its short name "
+                        "(cells_per_image); auto (default): the numeric setting with the most distinct values")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the report to the comparison run")
 
 

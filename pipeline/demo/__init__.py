@@ -48,7 +48,13 @@ from pipeline.demo.dataset import (
     _seeds,
     plan,
 )
-from pipeline.demo.fields import _field_scene, _render_field, _write_field
+from pipeline.demo.fields import (
+    _field_scene,
+    _render_brightfield_field,
+    _render_field,
+    _write_brightfield_field,
+    _write_field,
+)
 from pipeline.demo.slides import _render_slide, _slide_scene, _write_slide
 from pipeline.files import atomic_write_text
 
@@ -94,10 +100,14 @@ def _generate_one(out: Path, settings: DemoSettings, sample: DemoSample) -> None
         rgb = _render_slide(settings, scene, rng)
         _write_slide(out / sample.path, rgb, settings.slide_mpp)
         cells, w, h = scene.cells, settings.slide_width, settings.slide_height
+    elif settings.image_modality == "brightfield":
+        rgb = _render_brightfield_field(settings, scene, rng)
+        _write_brightfield_field(out / sample.path, rgb, settings.image_mpp)
+        cells, w, h = scene, rgb.shape[1], rgb.shape[0]
     else:
         data = _render_field(settings, scene, rng)
         _write_field(out / sample.path, data, settings.image_mpp, sample.sample_id, settings.seed)
-        cells, w, h = scene, settings.image_size, settings.image_size
+        cells, w, h = scene, data.shape[2], data.shape[1]
     atomic_write_text(out / sample.annotations, _geojson(cells, sample.sample_id, settings.seed, w, h), newline="")
 
 

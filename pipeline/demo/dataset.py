@@ -49,6 +49,15 @@ class DemoSettings:
     witness_fraction: float = setting(0.05, help="fraction of the cells in each lesion (positive slides) or of all "
                                                  "cells (positive fields) that are witnesses")
     lesions: int = setting(2, help="lesion regions per slide (positive and negative slides alike)")
+    cells_per_image: int = setting(0, help="cells per field, exactly (witnesses included; an enlarged brightfield "
+                                           "witness may push out a neighbour); the field's edge follows from this "
+                                           "and cell_density, and image_size is not used. "
+                                           "0: cell_density over an image_size field")
+    witnesses: int = setting(0, help="witness cells per positive field (and per lesion of a positive slide), "
+                                     "exactly; 0: witness_fraction of the cells (at least one)")
+    image_modality: str = setting("fluorescence", choices=("fluorescence", "brightfield"),
+                                  help="fields: fluorescence (two-channel uint16 OME-TIFF: DNA, marker) or "
+                                       "brightfield (H&E-like RGB TIFF with the slides' cells and witnesses)")
     seed: int = setting(0, help="non-negative integer; same seed, same bytes")
 
 
@@ -78,7 +87,7 @@ def _validate(s: DemoSettings) -> None:
     def is_num(v) -> bool:
         return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
-    for name in ("slides", "images", "lesions", "seed"):
+    for name in ("slides", "images", "lesions", "seed", "cells_per_image", "witnesses"):
         v = getattr(s, name)
         if not is_int(v) or v < 0:
             fail(f"{name} must be a non-negative integer, got {v!r}", f"set {name} to 0 or more")
@@ -106,6 +115,31 @@ def _validate(s: DemoSettings) -> None:
     if not is_num(v) or not math.isfinite(v) or not 0 < v <= 1:
         fail(f"witness_fraction must be above 0 and at most 1, got {v!r}",
              "set witness_fraction to e.g. 0.05")
+    if s.image_modality not in ("fluorescence", "brightfield"):
+        fail(f"image_modality must be fluorescence or brightfield, got {s.image_modality!r}",
+             "set image_modality to fluorescence or brightfield")
+    if s.cells_per_image:
+        edge = _field_edge_um(s.cells_per_image, s.cell_density) / s.image_mpp
+        if edge > _MAX_IMAGE_PX:
+            fail(f"cells_per_image {s.cells_per_image} at cell_density {s.cell_density} needs a {edge:.0f}-px field at "
+                 f"{s.image_mpp} µm/px, above {_MAX_IMAGE_PX}", "ask for fewer cells, a higher cell_density or a coarser image_mpp")
+        if s.witnesses > s.cells_per_image // 2:
+            fail(f"witnesses ({s.witnesses}) must be at most half of cells_per_image ({s.cells_per_image})",
+                 "ask for fewer witnesses or more cells")
+
+
+def _field_edge_um(cells: int, density: float) -> float:
+    """The edge (µm) of a square field that holds ``cells`` at ``density`` per 10,000 µm²."""
+    return math.sqrt(cells * 1e4 / density)
+
+
+def field_size(settings: DemoSettings) -> int:
+    """The fields' edge in px: ``image_size``, or with ``cells_per_image`` the square that holds them at
+    ``cell_density`` (rounded to a whole px, at least 32 px, so the density is the one asked for)."""
+    if not settings.cells_per_image:
+        return settings.image_size
+    edge = _field_edge_um(settings.cells_per_image, settings.cell_density) / settings.image_mpp
+    return max(32, round(edge))
 
 
 def _ids(prefix: str, n: int) -> list[str]:
@@ -126,9 +160,10 @@ def plan(settings: DemoSettings) -> list[DemoSample]:
         out.append(DemoSample(
             sample_id=sid, path=f"slides/{sid}.tiff", label="positive" if i % 2 == 0 else "negative",
             group=sid.replace("slide", "patient"), kind="slide", annotations=f"annotations/{sid}.geojson"))
+    suffix = ".ome.tif" if settings.image_modality == "fluorescence" else ".tif"
     for i, sid in enumerate(_ids("field", settings.images)):
         out.append(DemoSample(
-            sample_id=sid, path=f"images/{sid}.ome.tif", label="positive" if i % 2 == 0 else "negative",
+            sample_id=sid, path=f"images/{sid}{suffix}", label="positive" if i % 2 == 0 else "negative",
             group=sid.replace("field", "plate"), kind="image", annotations=f"annotations/{sid}.geojson"))
     return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,9 @@ from pipeline.demo.cells import (
     _place,
     _stamp,
 )
-from pipeline.demo.dataset import _TILE, DemoSample, DemoSettings
+from pipeline.demo.dataset import _TILE, DemoSample, DemoSettings, field_size
+from pipeline.demo.slides import _render_slide, _SlideScene
+from pipeline.errors import GaplessError
 from pipeline.files import atomic_write
 
 # --------------------------------------------------------------------------------------------
@@ -24,37 +27,79 @@ from pipeline.files import atomic_write
 
 
 def _field_scene(settings: DemoSettings, sample: DemoSample, rng: np.random.Generator) -> _Cells:
-    """Cells of one fluorescence field (px).  Nuclei have a mean radius of 3.5-5 µm, cytoplasm
-    8-11 µm.  On positive fields ``witness_fraction`` of all cells (at least one, at least 12 µm
-    from the border) become witnesses: a 0.8-0.9x smaller, 1.3x brighter (condensed) nucleus and a
-    perinuclear marker ring of ~1.5x the ordinary cytoplasmic marker level.
+    """Cells of one field (px), fluorescence or brightfield (``image_modality``).
+
+    Fluorescence: nuclei of mean radius 3.5-5 µm, cytoplasm 8-11 µm; a witness has a 0.8-0.9x smaller,
+    1.3x brighter (condensed) nucleus and a perinuclear marker ring of ~1.5x the ordinary cytoplasmic
+    marker level. Brightfield: the slides' cells (nuclei 3-4.5 µm, cytoplasm 6.5-9 µm) and witnesses
+    (1.4-1.6x larger, darker, irregular nucleus with a nucleolus). On positive fields ``witnesses`` cells
+    (or ``witness_fraction`` of all, at least one), at least 12 µm from the border, become witnesses.
+    With ``cells_per_image`` the field holds exactly that many cells at ``cell_density``.
     """
-    n, mpp = settings.image_size, settings.image_mpp
-
-    def target(x, y):
-        return np.full(len(x), settings.cell_density / 1e4)
-
-    xy = _place(rng, n, n, mpp, settings.cell_density, target)
-    cells = _new_cells(rng, xy, mpp, (3.5, 5.0), (8.0, 11.0), 0.8)
-    cells.stain[:] = 1.0 + 0.2 * rng.standard_normal(len(cells)).clip(-2, 2)
-    cells.nuc_s[:] *= -1.5  # nucleoli are DNA-poor: darker spots in the DNA channel
+    n, mpp = field_size(settings), settings.image_mpp
+    if settings.cells_per_image:
+        xy = _place_exactly(rng, settings.cells_per_image, n, mpp, settings.cell_density)
+    else:
+        xy = _place(rng, n, n, mpp, settings.cell_density, lambda x, y: np.full(len(x), settings.cell_density / 1e4))
+    brightfield = settings.image_modality == "brightfield"
+    if brightfield:
+        cells = _new_cells(rng, xy, mpp, (3.0, 4.5), (6.5, 9.0), 1.0)
+    else:
+        cells = _new_cells(rng, xy, mpp, (3.5, 5.0), (8.0, 11.0), 0.8)
+        cells.stain[:] = 1.0 + 0.2 * rng.standard_normal(len(cells)).clip(-2, 2)
+        cells.nuc_s[:] *= -1.5  # nucleoli are DNA-poor: darker spots in the DNA channel
     cells.lesion[:] = True
     if sample.label == "positive":
         margin = 12 / mpp
         inner = np.flatnonzero((cells.x > margin) & (cells.x < n - margin)
                                & (cells.y > margin) & (cells.y < n - margin))
-        nw = min(len(inner), max(1, round(settings.witness_fraction * len(cells))))
+        wanted = settings.witnesses or max(1, round(settings.witness_fraction * len(cells)))
+        nw = min(len(inner), wanted)
         idx = np.sort(rng.choice(inner, nw, replace=False)) if nw else np.zeros(0, int)
-        cells = _make_witnesses(rng, cells, idx, mpp, grow=(0.8, 0.9), stain=1.3,
-                                irregular=1.0, nucleolus=0.0)
+        if brightfield:
+            cells = _make_witnesses(rng, cells, idx, mpp, grow=(1.4, 1.6), stain=1.25, irregular=2.2, nucleolus=0.6)
+        else:
+            cells = _make_witnesses(rng, cells, idx, mpp, grow=(0.8, 0.9), stain=1.3, irregular=1.0, nucleolus=0.0)
     return cells
+
+
+def _place_exactly(rng: np.random.Generator, count: int, edge_px: int, mpp: float, density: float) -> np.ndarray:
+    """``count`` cell centres (px) in a square field: the demo's hard-core pattern, drawn dense enough to
+    hold them, then thinned at random to exactly ``count`` (so spread like ``_place``'s, not on a grid)."""
+    for boost in (1.3, 1.6, 2.0, 3.0, 5.0):
+        xy = _place(rng, edge_px, edge_px, mpp, density * boost, lambda x, y: np.full(len(x), 1.0))
+        if len(xy) >= count:
+            return xy[np.sort(rng.choice(len(xy), count, replace=False))]
+    raise GaplessError(None, f"demo settings: {count} cells do not fit a {edge_px}-px field at {mpp} µm/px",
+                       "lower cells_per_image or raise cell_density")
+
+
+def _render_brightfield_field(settings: DemoSettings, cells: _Cells, rng: np.random.Generator) -> np.ndarray:
+    """(H, W, 3) uint8: the slides' H&E rendering of a field covered by tissue (no glass, no lesion)."""
+    n = field_size(settings)
+    as_slide = replace(settings, slide_width=n, slide_height=n, slide_mpp=settings.image_mpp)
+    ones, zeros = np.ones((n, n), np.float32), np.zeros((n, n), np.float32)
+    return _render_slide(as_slide, _SlideScene(tissue=ones, lesion=zeros, lesions=[], cells=cells), rng)
+
+
+def _write_brightfield_field(path: Path, rgb: np.ndarray, mpp: float) -> None:
+    """A plain RGB TIFF (zlib, lossless) with its µm/px in the resolution tags."""
+    import tifffile
+
+    res = 1e4 / mpp  # px per cm
+
+    def write(tmp: Path) -> None:
+        tifffile.imwrite(tmp, rgb, photometric="rgb", compression="zlib", resolution=(res, res),
+                         resolutionunit="CENTIMETER", tile=(_TILE, _TILE) if rgb.shape[0] >= _TILE else None,
+                         metadata=None, description=f"gapless demo field; {mpp} um/px")
+    atomic_write(path, write)
 
 
 def _render_field(settings: DemoSettings, cells: _Cells, rng: np.random.Generator) -> np.ndarray:
     """(2, H, W) uint16: channel 0 DNA stain, channel 1 marker, camera counts with offset ~100."""
     from scipy import ndimage
 
-    n, mpp = settings.image_size, settings.image_mpp
+    n, mpp = field_size(settings), settings.image_mpp
     shape = (n, n)
     dna = np.zeros(shape, np.float32)
     cyto = np.zeros(shape, np.float32)

@@ -209,7 +209,7 @@ def _slide_cells(settings: DemoSettings, sample: DemoSample, tissue: np.ndarray,
         # Witnesses sit well inside the slide so their whole outline is on it.
         members = members[(cells.x[members] > 12 / mpp) & (cells.x[members] < W - 12 / mpp)
                           & (cells.y[members] > 12 / mpp) & (cells.y[members] < H - 12 / mpp)]
-        nw = min(len(members), max(1, round(settings.witness_fraction * len(members))))
+        nw = min(len(members), settings.witnesses or max(1, round(settings.witness_fraction * len(members))))
         idx.extend(rng.choice(members, nw, replace=False).tolist() if nw else [])
     return _make_witnesses(rng, cells, np.sort(np.array(idx, int)), mpp, grow=(1.4, 1.6),
                            stain=1.25, irregular=2.2, nucleolus=0.6)

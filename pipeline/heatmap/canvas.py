@@ -24,7 +24,10 @@ thumbnail (≤ 1024 px), the tissue mask (uint8, ≤ 4096 px a side) and the fig
 7×7 maps, cell 64 px) has 1,563 × 1,563 cells: ≤ 117 MB + 128 MiB, where one float32 channel at
 full resolution would be 40 GB. Tested with tracemalloc (numpy and Python allocations; torch holds
 one batch) on a store claiming that size and on a dense map of that size. No full-resolution array
-is ever allocated.
+is ever allocated. With Grad-CAM (``gradcam=True``) two more channels are stitched (its raw map
+and its spread), and normalising and writing handle its map beside the head's:
+``GRADCAM_BYTES_PER_CELL`` = 24 bytes more per cell (two accumulators, two maps, the normalised map,
+a temporary), tested likewise.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ MIN_CELL_TISSUE = 0.5  # ... and the store's tissue mask covers at least this fr
 BYTES_PER_CELL = 48  # stated peak memory per canvas cell (accumulators, outputs, temporaries)
 BYTES_PER_TILE = 256  # ... plus this per tile
 FIXED_BYTES = 128 * 2**20  # ... plus this, whatever the canvas (a batch, the thumbnail, the figure)
+GRADCAM_BYTES_PER_CELL = 24  # ... plus this per canvas cell with the Grad-CAM map too
 
 
 def canvas_shape(width: float, height: float, tile_extent: float, map_side: int) -> tuple[int, int, float]:
@@ -176,22 +180,28 @@ class StitchedMaps:
     tile_extent: float
     source_mpp: float | None
     map_side: int
+    gradcam: np.ndarray | None = None  # (rows, cols) positive-class Grad-CAM, or None when not computed
+    gradcam_spread: np.ndarray | None = None  # (rows, cols) p_positive spread by the Grad-CAM map, or None
 
 
-def stitch_store(model, config: Mapping, store, batch_size: int = 64, device=None, progress: bool = True) -> StitchedMaps:
+def stitch_store(model, config: Mapping, store, batch_size: int = 64, device=None, progress: bool = True,
+                 gradcam: bool = False) -> StitchedMaps:
     """Streamed inference over ``store`` into a ``SlideCanvas`` (one batch in memory at a time), then the
-    tissue cells: covered by tile maps and by the store's tissue mask (module docstring)."""
+    tissue cells: covered by tile maps and by the store's tissue mask (module docstring). ``gradcam``:
+    the tiles' Grad-CAM maps are stitched too (:mod:`pipeline.heatmap.gradcam`)."""
     view = sample_view(store)
     path, a = view.path, view.attrs
     width, height, extent = int(a.width), int(a.height), float(a.tile_extent)
     canvas = None
     coords, probs = [], []
-    for batch in tile_batches(model, config, view, batch_size, device, progress):
-        has_attention = batch.attention is not None
+    for batch in tile_batches(model, config, view, batch_size, device, progress, gradcam):
+        named = {"raw": batch.contribution[:, -1:], "spread": batch.spread, "attention": batch.attention,
+                 "gradcam": batch.gradcam, "gradcam_spread": batch.gradcam_spread}
+        named = {k: v for k, v in named.items() if v is not None}
         if canvas is None:
-            canvas = SlideCanvas(width, height, extent, batch.contribution.shape[-1], 3 if has_attention else 2)
-        layers = [batch.contribution[:, -1:], batch.spread] + ([batch.attention] if has_attention else [])
-        canvas.add(batch.coords, np.concatenate(layers, axis=1))
+            names = list(named)
+            canvas = SlideCanvas(width, height, extent, batch.contribution.shape[-1], len(names))
+        canvas.add(batch.coords, np.concatenate([named[k] for k in names], axis=1))
         coords.append(batch.coords)
         probs.append(batch.probs)
     coords = np.concatenate(coords)
@@ -203,13 +213,14 @@ def stitch_store(model, config: Mapping, store, batch_size: int = 64, device=Non
         mask_ds = a.tissue_mask_downsample or [width / mask.shape[1], height / mask.shape[0]]
         valid &= cell_tissue_fraction(mask, mask_ds, canvas.rows, canvas.cols, canvas.cell) >= MIN_CELL_TISSUE
         del mask
-    maps = []
-    for c in range(canvas.channels):
+    maps = {}
+    for c, name in enumerate(names):
         m = canvas.mean(c)
         np.copyto(m, np.nan, where=~valid)
-        maps.append(m)
+        maps[name] = m
     cell, side = canvas.cell, canvas.map_side
     del canvas
-    return StitchedMaps(maps[0], maps[1], maps[2] if has_attention else None, valid, cell, coords,
-                        np.concatenate(probs), batch.spread_weights, width, height, extent, a.source_mpp, side)
+    return StitchedMaps(maps["raw"], maps["spread"], maps.get("attention"), valid, cell, coords,
+                        np.concatenate(probs), batch.spread_weights, width, height, extent, a.source_mpp, side,
+                        maps.get("gradcam"), maps.get("gradcam_spread"))
 

@@ -6,7 +6,11 @@ Keys (``JSON_KEYS``): ``schema``; ``sample``, ``head`` and the head's ``head_lab
 the colormap's ends); ``width``, ``height`` (level-0 px) and ``mpp`` (µm per level-0 px, or null);
 ``overlay`` (the RGBA PNG's file name, beside the JSON); ``tile_extent`` (level-0 px); ``tiles``
 ([[x, y, p_positive], …]: level-0 top-left corners, probability rounded to 4 decimals); ``classes``;
-``scores`` (name: number or null; empty without ground truth).
+``scores`` (name: number or null; empty without ground truth). Where the positive class's Grad-CAM
+map was written too (``gapless heatmap --gradcam``), one more key after those, ``gradcam``: an object
+with exactly ``GRADCAM_JSON_KEYS``, ``overlay`` (its RGBA PNG, beside the JSON), ``range`` and
+``scores`` (its localisation scores, keyed as ``scores``), on the same canvas and normalisation; a
+reader treats a JSON without the key as a heatmap without Grad-CAM.
 
 :func:`document_text` writes one, :func:`load_heatmap_json` reads and checks one (with its overlay).
 """
@@ -24,6 +28,7 @@ from pipeline.head_info import HeadInfo
 SCHEMA = "gapless.heatmap/1"
 JSON_KEYS = ("schema", "sample", "head", "head_label", "head_description", "head_order", "run_id", "normalisation",
              "colormap", "range", "width", "height", "mpp", "overlay", "tile_extent", "tiles", "classes", "scores")
+GRADCAM_JSON_KEYS = ("overlay", "range", "scores")
 _HEATMAP_FIX = "write the heatmaps again with `gapless heatmap` (one JSON and one overlay PNG per head and sample)"
 
 
@@ -45,6 +50,7 @@ class HeatmapDocument:
     tiles: list = field(default_factory=list)  # [[x, y, p_positive], ...]
     classes: list = field(default_factory=list)
     scores: dict = field(default_factory=dict)
+    gradcam: dict | None = None  # {overlay, range, scores} of the Grad-CAM map, or None
 
     def to_json(self) -> dict:
         doc = {"schema": SCHEMA, "sample": self.sample, "head": self.head.name, "head_label": self.head.shown,
@@ -55,6 +61,11 @@ class HeatmapDocument:
                "overlay": self.overlay, "tile_extent": float(self.tile_extent), "tiles": self.tiles,
                "classes": list(self.classes), "scores": self.scores}
         assert tuple(doc) == JSON_KEYS
+        if self.gradcam is not None:
+            g = self.gradcam
+            doc["gradcam"] = {"overlay": g["overlay"], "range": [float(f"{g['range'][0]:.7g}"), float(f"{g['range'][1]:.7g}")],
+                              "scores": dict(g.get("scores") or {})}
+            assert tuple(doc["gradcam"]) == GRADCAM_JSON_KEYS
         return doc
 
 
@@ -73,7 +84,8 @@ def is_number(v) -> bool:
 
 
 def load_heatmap_json(path: str | Path) -> dict:
-    """Read and check one head's heatmap JSON; return it with ``overlay_path`` (absolute) and ``head_info`` added."""
+    """Read and check one head's heatmap JSON; return it with ``overlay_path`` (absolute) and ``head_info`` added,
+    and ``gradcam``: None, or its Grad-CAM map's ``overlay_path``, ``overlay_size``, ``range`` and ``scores``."""
     path = Path(path)
     if not path.is_file():
         raise GaplessError(path, "heatmap JSON not found", _HEATMAP_FIX)
@@ -113,6 +125,7 @@ def load_heatmap_json(path: str | Path) -> dict:
         "tiles": tiles,
         "classes": [str(c) for c in classes],
         "scores": clean_scores,
+        "gradcam": _checked_gradcam(path, doc),
     }
 
 
@@ -177,6 +190,21 @@ def _checked_scores(path: Path, scores) -> dict:
         else:  # counts (e.g. witness_cells) stay integers
             clean_scores[str(k)] = v if isinstance(v, int) else float(v)
     return clean_scores
+
+
+def _checked_gradcam(path: Path, doc: dict) -> dict | None:
+    """The ``gradcam`` object checked (its overlay as the head's is), or None where there is none."""
+    g = doc.get("gradcam")
+    if g is None:
+        return None
+    if not isinstance(g, dict) or not isinstance(g.get("overlay"), str) or not g["overlay"]:
+        _bad(path, f"`gradcam` must be an object with a non-empty `overlay`, got {g!r}")
+    rng = g.get("range")
+    if not (isinstance(rng, list) and len(rng) == 2 and all(is_number(v) and math.isfinite(v) for v in rng) and rng[0] <= rng[1]):
+        _bad(path, f"`gradcam.range` must be [lo, hi] with lo <= hi, got {rng!r}")
+    overlay, ow, oh = _checked_overlay(path, {**doc, "overlay": g["overlay"]})
+    return {"overlay_path": overlay, "overlay_size": [ow, oh], "range": [float(rng[0]), float(rng[1])],
+            "scores": _checked_scores(path, g.get("scores") or {})}
 
 
 def _checked_overlay(path: Path, doc: dict) -> tuple[Path, int, int]:

@@ -2,7 +2,8 @@
 
 ``iter_tile_maps`` yields ``TileMaps`` per batch (reading and transforming the next batch overlaps the
 model's work on this one); ``infer_store`` holds them all; ``tile_batches`` gives a store without
-tiles (flagged "no tissue") one empty batch of the right shape.
+tiles (flagged "no tissue") one empty batch of the right shape. With ``gradcam=True`` each batch also
+carries the positive class's Grad-CAM (:mod:`pipeline.heatmap.gradcam`) from the same forward pass.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline.device import autocast_for, resolve_device
 from pipeline.errors import GaplessError
-from pipeline.inference import forward, probabilities
+from pipeline.heatmap.gradcam import check_grad_cam, forward_grad_cam
+from pipeline.inference import forward, probabilities, to_device
 
 @dataclass
 class TileMaps:
@@ -28,6 +31,8 @@ class TileMaps:
     attention: np.ndarray | None  # (N, 1, h, w) or None where the head has no attention
     spread: np.ndarray  # (N, 1, h, w) p_positive · w / max(w) (the ``attention`` normalisation)
     spread_weights: str  # share | attention | softmax: which w the spread used
+    gradcam: np.ndarray | None = None  # (N, 1, h, w) positive-class Grad-CAM (≥ 0), or None when not asked for
+    gradcam_spread: np.ndarray | None = None  # (N, 1, h, w) p_positive · g / max(g), g the Grad-CAM, or None
 
 
 def sample_view(store, sample_id: str | None = None):
@@ -39,7 +44,7 @@ def sample_view(store, sample_id: str | None = None):
 
 
 def iter_tile_maps(model, config: Mapping, store, batch_size: int = 64, device=None,
-                   progress: bool = True) -> Iterator[tuple[int, TileMaps]]:
+                   progress: bool = True, gradcam: bool = False) -> Iterator[tuple[int, TileMaps]]:
     """Yield ``(start, TileMaps of tiles start … start + B)`` batch by batch, never more than one batch held.
 
     ``model``: any ``nn.Module`` whose forward returns a ``HeadOutput`` (a trained head from
@@ -47,7 +52,9 @@ def iter_tile_maps(model, config: Mapping, store, batch_size: int = 64, device=N
     in the tiles' raw units (required), ``modality``, ``image_size`` (optional): the evaluation
     transform of training (``augment.build_transform(train=False)``), run on the device. Reading
     the next batch overlaps the model's work on this one. CUDA: bf16 autocast and channels-last, as in
-    training; maps come back as float32.
+    training; maps come back as float32. ``gradcam``: each batch also carries its tiles' Grad-CAM
+    (:func:`pipeline.heatmap.gradcam.forward_grad_cam`: the model must expose ``forward_features`` and
+    ``head``, as ``InstanceModel`` does), from the same forward pass.
     """
     import torch
 
@@ -66,6 +73,8 @@ def iter_tile_maps(model, config: Mapping, store, batch_size: int = 64, device=N
     device = resolve_device(device)
     model = model.to(device).eval()
     autocast = autocast_for(device)
+    if gradcam:
+        check_grad_cam(model)
 
     on_cpu = device.type == "cpu"
 
@@ -87,15 +96,30 @@ def iter_tile_maps(model, config: Mapping, store, batch_size: int = 64, device=N
                 x = pending.result()
                 x = x if on_cpu else transform(x.to(device, non_blocking=True))
                 pending = reader.submit(load, starts[i + 1]) if i + 1 < len(starts) else None
-                out = forward(model, x, device, autocast)
-                yield start, _tile_maps(out, coords[start : start + len(x)])
+                out, cam = _infer(model, x, device, autocast, gradcam)
+                yield start, _tile_maps(out, coords[start : start + len(x)], cam)
                 bar.update(len(x))
     finally:
         bar.close()
 
 
-def _tile_maps(out, coords: np.ndarray) -> TileMaps:
-    """HeadOutput → TileMaps (float32 numpy), with the ``attention`` normalisation's spread."""
+def _infer(model, x, device, autocast, gradcam: bool):
+    """``(HeadOutput, Grad-CAM or None)`` of one batch: the plain forward, or the Grad-CAM pass (which
+    gives the same ``HeadOutput``) when ``gradcam``."""
+    if not gradcam:
+        return forward(model, x, device, autocast), None
+    return forward_grad_cam(model, to_device(x, device), autocast)
+
+
+def _spread(p, weights):
+    """(B, 1, h, w): ``p`` (B,) times ``weights`` (B, h, w) over their per-tile maximum (1 where that is 0)."""
+    peak = weights.amax(dim=(1, 2), keepdim=True)
+    share = (weights / peak.clamp_min(1e-30)).where(peak > 0, weights.new_ones(()))
+    return (p[:, None, None] * share).unsqueeze(1)
+
+
+def _tile_maps(out, coords: np.ndarray, cam=None) -> TileMaps:
+    """HeadOutput (and Grad-CAM) → TileMaps (float32 numpy), with the ``attention`` normalisation's spread."""
     probs = probabilities(out)
     contribution = out.contribution.float()
     attention = None if out.attention is None else out.attention.float()
@@ -109,35 +133,39 @@ def _tile_maps(out, coords: np.ndarray) -> TileMaps:
         weights, kind = attention[:, 0].clamp_min(0), "attention"
     else:
         weights, kind = (positive - positive.amax(dim=(1, 2), keepdim=True)).exp(), "softmax"
-    peak = weights.amax(dim=(1, 2), keepdim=True)
-    share = (weights / peak.clamp_min(1e-30)).where(peak > 0, weights.new_ones(()))
-    spread = (probs[:, -1, None, None] * share).unsqueeze(1)
+    spread = _spread(probs[:, -1], weights)
     numpy = lambda t: t.detach().cpu().numpy().astype(np.float32, copy=False)  # noqa: E731
+    gradcam = gradcam_spread = None
+    if cam is not None:
+        cam = cam.float()
+        gradcam, gradcam_spread = numpy(cam), numpy(_spread(probs[:, -1], cam[:, 0]))
     return TileMaps(np.asarray(coords, np.int64), numpy(probs), numpy(contribution),
-                    None if attention is None else numpy(attention), numpy(spread), kind)
+                    None if attention is None else numpy(attention), numpy(spread), kind, gradcam, gradcam_spread)
 
 
-def infer_store(model, config: Mapping, store, batch_size: int = 64, device=None, progress: bool = True) -> TileMaps:
+def infer_store(model, config: Mapping, store, batch_size: int = 64, device=None, progress: bool = True,
+                gradcam: bool = False) -> TileMaps:
     """Inference over every tile of ``store``: per-tile probabilities (N×K), contribution maps
-    (N×K×h×w float32) and attention (N×1×h×w or None), all at once (see ``iter_tile_maps``).
+    (N×K×h×w float32), attention (N×1×h×w or None) and, with ``gradcam``, the Grad-CAM maps
+    (N×1×h×w), all at once (see ``iter_tile_maps``).
 
     Holds N×K×h×w floats; ``stitch_store`` streams instead and holds one batch.
     """
-    parts = list(tile_batches(model, config, store, batch_size, device, progress))
-    attention = None if parts[0].attention is None else np.concatenate([p.attention for p in parts])
-    return TileMaps(np.concatenate([p.coords for p in parts]), np.concatenate([p.probs for p in parts]),
-                    np.concatenate([p.contribution for p in parts]), attention,
-                    np.concatenate([p.spread for p in parts]), parts[0].spread_weights)
+    parts = list(tile_batches(model, config, store, batch_size, device, progress, gradcam))
+    joined = lambda name: None if getattr(parts[0], name) is None else np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+    return TileMaps(joined("coords"), joined("probs"), joined("contribution"), joined("attention"), joined("spread"),
+                    parts[0].spread_weights, joined("gradcam"), joined("gradcam_spread"))
 
 
-def tile_batches(model, config: Mapping, store, batch_size: int, device, progress: bool) -> Iterator[TileMaps]:
+def tile_batches(model, config: Mapping, store, batch_size: int, device, progress: bool,
+                 gradcam: bool = False) -> Iterator[TileMaps]:
     """The batches of ``iter_tile_maps``, or for a store without tiles (flagged "no tissue") one batch
     of no tiles, its maps' shape and channels from the model's output on one blank input."""
     import torch
 
     view = sample_view(store)
     empty = True
-    for _, maps in iter_tile_maps(model, config, view, batch_size, device, progress):
+    for _, maps in iter_tile_maps(model, config, view, batch_size, device, progress, gradcam):
         empty = False
         yield maps
     if empty:
@@ -145,8 +173,12 @@ def tile_batches(model, config: Mapping, store, batch_size: int, device, progres
         t = int(view.attrs.tile_size or view.tiles.shape[1])
         size = int(config.get("image_size") or t)
         x = torch.zeros(1, len(config["mean"]), size, size, device=device)
+        model = model.to(device).eval()
         with torch.no_grad():
-            probe = _tile_maps(model.to(device).eval()(x), np.zeros((0, 2), np.int64))
-        yield TileMaps(probe.coords, probe.probs[:0], probe.contribution[:0],
-                       None if probe.attention is None else probe.attention[:0], probe.spread[:0], probe.spread_weights)
+            out, cam = _infer(model, x, device, nullcontext, gradcam)
+            probe = _tile_maps(out, np.zeros((0, 2), np.int64), cam)
+        none_or_empty = lambda a: None if a is None else a[:0]  # noqa: E731
+        yield TileMaps(probe.coords, probe.probs[:0], probe.contribution[:0], none_or_empty(probe.attention),
+                       probe.spread[:0], probe.spread_weights, none_or_empty(probe.gradcam),
+                       none_or_empty(probe.gradcam_spread))
 

@@ -18,6 +18,12 @@ Outputs in ``out_dir`` per sample (``heatmap_model`` / ``heatmap_sample``):
     [[x, y, p_positive], …] (level-0 top-left corners, probability rounded to 4 decimals),
     ``range`` the values at the colormap's ends, ``overlay`` the RGBA PNG's file name, ``mpp`` the
     source's µm per level-0 px, ``scores`` as below (empty without ground truth).
+
+With the Grad-CAM map (``gradcam`` given; :mod:`pipeline.heatmap.gradcam`), on the same canvas and
+normalisation: the OME-Zarr gets two more channels after the others, ``gradcam`` (normalised) and
+``gradcam_raw``; ``{sample}.gradcam.png`` and ``{sample}.gradcam.overlay.png`` are its figure and
+overlay; the JSON gets the key ``gradcam`` ({overlay, range, scores}: ``GRADCAM_JSON_KEYS``). Without
+it every output is exactly as before.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from pipeline.files import outputs
 from pipeline.head_info import HeadInfo
 from pipeline.heatmap.canvas import MIN_CELL_TISSUE, MIN_COVERAGE, StitchedMaps
 from pipeline.heatmap.document import HeatmapDocument, write_document
-from pipeline.heatmap.scores import NORMALISATION_LABELS, SPREAD_WEIGHTS
+from pipeline.heatmap.scores import GRADCAM_LABEL, GRADCAM_NORMALISATION_LABELS, NORMALISATION_LABELS, SPREAD_WEIGHTS
 
 COLORMAP = "viridis"
 PYRAMID_MIN_SIDE = 256
@@ -88,7 +94,8 @@ def _write_ome_zarr(folder: Path, layers: list[tuple[str, np.ndarray, tuple[floa
         planes, level = [_halve(plane) for plane in planes], level + 1
     unit = "micrometer" if mpp else None
     space = lambda axis: {"name": axis, "type": "space", **({"unit": unit} if unit else {})}  # noqa: E731
-    colours = {"positive": "FFFFFF", "positive_raw": "FF00FF", "attention": "00FFFF"}
+    colours = {"positive": "FFFFFF", "positive_raw": "FF00FF", "attention": "00FFFF", "gradcam": "FFFF00",
+               "gradcam_raw": "FF8000"}
     channels = []
     for label, _, (lo, hi) in layers:
         channels.append({"label": label, "color": colours.get(label, "FFFFFF"), "active": label == "positive",
@@ -147,52 +154,72 @@ def _score_text(scores: dict) -> str:
     return " · ".join(parts)
 
 
+def _font(size: int):
+    """DejaVu Sans (shipped with matplotlib) at ``size`` px; Pillow's own scalable default otherwise."""
+    from PIL import ImageFont
+
+    try:
+        import matplotlib
+
+        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
+    except (ImportError, OSError):
+        return ImageFont.load_default(size)
+
+
 def _figure(path: Path, thumbnail: np.ndarray | None, values: np.ndarray, cell: float, width: int, height: int,
             value_range: tuple[float, float], colormap: str, caption: list[str], bar_label: str) -> None:
-    """PNG ``PNG_WIDTH_PX`` wide at ``path``: thumbnail, heatmap over it (alpha 0.55, none where NaN), colour bar, caption."""
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
+    """PNG ``PNG_WIDTH_PX`` wide at ``path``: thumbnail, heatmap over it (alpha 0.55, none where NaN), colour bar, caption.
 
-    fig_w = PNG_WIDTH_PX / _DPI
-    box_w, box_h = 8.0, 9.0  # inches for the slide picture; the rest: colour bar, caption
+    Drawn with Pillow (tens of ms; matplotlib took ~0.5 s a figure, the bulk of a heatmap job over a
+    cohort of many small fields)."""
+    from PIL import Image, ImageDraw
+
+    box_w, box_h = 800, 900  # px for the slide picture; the rest: colour bar, caption
     aspect = height / width
-    img_w, img_h = (box_w, box_w * aspect) if box_w * aspect <= box_h else (box_h / aspect, box_h)
-    caption_h = 0.25 * len(caption) + 0.3
-    fig_h = img_h + caption_h + 0.2
-    fig = Figure(figsize=(fig_w, fig_h), dpi=_DPI)
-    FigureCanvasAgg(fig)
-    left = 0.15 + (box_w - img_w) / 2
-    ax = fig.add_axes((left / fig_w, caption_h / fig_h, img_w / fig_w, img_h / fig_h))
+    img_w, img_h = (box_w, round(box_w * aspect)) if box_w * aspect <= box_h else (round(box_h / aspect), box_h)
+    img_w, img_h = max(img_w, 1), max(img_h, 1)
+    caption_h = 25 * len(caption) + 30
+    fig = Image.new("RGB", (PNG_WIDTH_PX, img_h + caption_h + 20), "white")
+    left, top = 15 + (box_w - img_w) // 2, 20
     if thumbnail is not None:
-        ax.imshow(thumbnail, extent=(0, width, height, 0), interpolation="antialiased")
-    cmap = matplotlib.colormaps[colormap].with_extremes(bad=(0, 0, 0, 0))
+        fig.paste(Image.fromarray(np.ascontiguousarray(thumbnail[..., :3])).resize((img_w, img_h), Image.BILINEAR),
+                  (left, top))
     while max(values.shape) > PNG_WIDTH_PX:  # no finer than the figure can show
         values, cell = _halve(values), cell * 2
-    rows, cols = values.shape
-    ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=value_range[0], vmax=value_range[1], alpha=0.55,
-              extent=(0, cols * cell, rows * cell, 0), interpolation="nearest")
-    ax.set_xlim(0, width)
-    ax.set_ylim(height, 0)
-    ax.set_axis_off()
-    cax = fig.add_axes(((0.15 + box_w + 0.35) / fig_w, caption_h / fig_h, 0.2 / fig_w, img_h / fig_h))
-    fig.colorbar(ScalarMappable(Normalize(*value_range), matplotlib.colormaps[colormap]), cax=cax, label=bar_label)
+    rgba = overlay_image(values, cell, width, height, value_range, colormap)
+    rgba[..., 3] = (rgba[..., 3].astype(np.uint16) * 55 // 100).astype(np.uint8)  # alpha 0.55, 0 where NaN
+    heat = Image.fromarray(rgba, "RGBA").resize((img_w, img_h), Image.NEAREST)
+    base = fig.crop((left, top, left + img_w, top + img_h)).convert("RGBA")
+    fig.paste(Image.alpha_composite(base, heat).convert("RGB"), (left, top))
+    draw = ImageDraw.Draw(fig)
+    # the colour bar: the colormap from value_range[1] (top) to value_range[0] (bottom), ticks at both ends
+    bar_x, bar_w = 15 + box_w + 35, 20
+    ramp = np.linspace(value_range[1], value_range[0], img_h)[:, None].repeat(bar_w, 1)
+    fig.paste(Image.fromarray(_colour(ramp, value_range, colormap)[..., :3]), (bar_x, top))
+    draw.rectangle((bar_x, top, bar_x + bar_w - 1, top + img_h - 1), outline="black")
+    small = _font(12)
+    for value, y in ((value_range[1], top), (value_range[0], top + img_h - 12)):
+        draw.text((bar_x + bar_w + 4, y), f"{value:.3g}", fill="black", font=small)
+    label = Image.new("RGBA", (img_h, 16), (255, 255, 255, 0))
+    ImageDraw.Draw(label).text((img_h // 2, 8), bar_label, fill="black", font=small, anchor="mm")
+    label = label.rotate(90, expand=True)
+    fig.paste(label, (bar_x + bar_w + 48, top), label)
     for i, line in enumerate(caption):
-        fig.text(0.5, (caption_h - 0.3 - 0.25 * i) / fig_h, line, ha="center", va="bottom",
-                 fontsize=11 if i == 0 else 9, fontweight="bold" if i == 0 else "normal")
-    fig.savefig(path, dpi=_DPI, format="png")
+        font = _font(15 if i == 0 else 12)
+        draw.text((PNG_WIDTH_PX // 2, top + img_h + 20 + 25 * i), line, fill="black", font=font, anchor="ma")
+    fig.save(path, format="png", compress_level=1)  # zlib level 6 took 0.4 s a figure, a third of the job
 
 
 def write_heatmap(out_dir: str | Path, sample_id: str, head: str | HeadInfo, maps: StitchedMaps, values: np.ndarray,
                   value_range: tuple[float, float], normalisation: str, classes: Sequence[str],
                   thumbnail: np.ndarray | None = None, scores: dict | None = None, run_id: str | None = None,
-                  colormap: str = COLORMAP) -> dict[str, Path]:
+                  colormap: str = COLORMAP, gradcam: tuple | None = None) -> dict[str, Path]:
     """Write ``{sample}.ome.zarr``, ``{sample}.png``, ``{sample}.overlay.png`` and ``{sample}.json``
     into ``out_dir`` (module docstring): all four appear complete, or none of them (a failure, e.g. a
     full disk, leaves an older set as it was). ``head``: its name, or its ``HeadInfo`` (label and
-    description for the viewer). Returns their paths."""
+    description for the viewer). ``gradcam``: ``(values, value_range, scores)`` of the Grad-CAM map
+    (``normalise(maps, normalisation, "gradcam")``; ``maps.gradcam`` is its raw map), written beside
+    the head's (``gradcam_png``, ``gradcam_overlay``). Returns their paths."""
     from PIL import Image
 
     info = head if isinstance(head, HeadInfo) else HeadInfo(str(head))
@@ -206,12 +233,22 @@ def write_heatmap(out_dir: str | Path, sample_id: str, head: str | HeadInfo, map
     layers = [("positive", values, value_range), ("positive_raw", maps.raw, _finite_range(maps.raw))]
     if maps.attention is not None:
         layers.append(("attention", maps.attention, _finite_range(maps.attention)))
+    if gradcam is not None:
+        if maps.gradcam is None:
+            raise ValueError("a Grad-CAM map to write, but the stitched maps have no raw Grad-CAM (maps.gradcam)")
+        g_values, g_range, g_scores = gradcam
+        g_range, g_scores = (float(g_range[0]), float(g_range[1])), dict(g_scores or {})
+        paths.update(gradcam_png=out_dir / f"{sample_id}.gradcam.png",
+                     gradcam_overlay=out_dir / f"{sample_id}.gradcam.overlay.png")
+        layers += [("gradcam", g_values, g_range), ("gradcam_raw", maps.gradcam, _finite_range(maps.gradcam))]
     extra = {"sample": sample_id, "head": head, "run_id": run_id, "normalisation": normalisation,
              "normalisation_label": NORMALISATION_LABELS[normalisation], "range": list(value_range),
              "colormap": colormap, "spread_weights": maps.spread_weights, "cell_size": maps.cell,
              "map_side": maps.map_side, "tile_extent": maps.tile_extent, "width": maps.width,
              "height": maps.height, "source_mpp": maps.source_mpp, "channels": [n for n, _, _ in layers],
              "min_coverage": MIN_COVERAGE, "min_cell_tissue": MIN_CELL_TISSUE, "scores": scores}
+    if gradcam is not None:
+        extra["gradcam"] = {"range": list(g_range), "scores": g_scores}
     with outputs() as staged:  # the four files appear together, the JSON (the workflow's output) last
         _write_ome_zarr(staged.directory(paths["zarr"], holds="zarr.json"), layers, maps.cell, maps.source_mpp,
                         f"{sample_id} {head}", extra)
@@ -226,6 +263,18 @@ def write_heatmap(out_dir: str | Path, sample_id: str, head: str | HeadInfo, map
         staged.file(paths["png"], lambda tmp: _figure(tmp, thumbnail, values, maps.cell, maps.width, maps.height,
                                                       value_range, colormap, caption,
                                                       f"{normalisation} ({value_range[0]:.3g} to {value_range[1]:.3g})"))
+        gradcam_doc = None
+        if gradcam is not None:
+            g_rgba = overlay_image(g_values, maps.cell, maps.width, maps.height, g_range, colormap)
+            staged.file(paths["gradcam_overlay"], lambda tmp: Image.fromarray(g_rgba, "RGBA").save(tmp, format="png"))
+            del g_rgba
+            g_caption = [f"{sample_id} · {head} head · {GRADCAM_LABEL} · normalisation: {normalisation}",
+                         GRADCAM_NORMALISATION_LABELS[normalisation], _score_text(g_scores)]
+            staged.file(paths["gradcam_png"],
+                        lambda tmp: _figure(tmp, thumbnail, g_values, maps.cell, maps.width, maps.height, g_range,
+                                            colormap, g_caption,
+                                            f"{GRADCAM_LABEL} {normalisation} ({g_range[0]:.3g} to {g_range[1]:.3g})"))
+            gradcam_doc = {"overlay": paths["gradcam_overlay"].name, "range": g_range, "scores": g_scores}
 
         p_pos = maps.probs[:, -1] if len(maps.probs) else np.zeros(0, np.float32)
         document = HeatmapDocument(
@@ -233,7 +282,7 @@ def write_heatmap(out_dir: str | Path, sample_id: str, head: str | HeadInfo, map
             range=value_range, width=int(maps.width), height=int(maps.height), mpp=maps.source_mpp,
             overlay=paths["overlay"].name, tile_extent=float(maps.tile_extent),
             tiles=[[int(x), int(y), round(float(p), 4)] for (x, y), p in zip(maps.coords, p_pos)],
-            classes=list(classes), scores=scores,
+            classes=list(classes), scores=scores, gradcam=gradcam_doc,
         )
         staged.file(paths["json"], lambda tmp: write_document(tmp, document))
     return paths

@@ -6,7 +6,11 @@ autocast when present, as in training), each tile's map put at the tile's place 
 whole slide, normalised on a scale shared by every head, written as OME-Zarr, PNGs and a JSON for a
 viewer, scored against witness annotations and logged to the head's MLflow run as
 ``heatmap/{sample}/{score}`` (names: :mod:`pipeline.mlflow_names`), the PNG as an artifact under
-``heatmaps/``.
+``heatmaps/``. With ``gradcam=True`` the positive class's Grad-CAM (:mod:`pipeline.heatmap.gradcam`)
+comes from the same forward pass and goes the same way: stitched, normalised, written beside the
+head's map (:mod:`pipeline.heatmap.outputs`), scored, and logged as ``heatmap/{sample}/gradcam_{score}``
+(``gradcam_localisation_auroc``, ``gradcam_pointing_game_top1``, ``gradcam_pointing_game_top5``), its
+PNG as an artifact beside the head's.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +29,7 @@ from pipeline.head_info import HeadInfo
 from pipeline.heatmap.canvas import stitch_store
 from pipeline.heatmap.maps import sample_view
 from pipeline.heatmap.outputs import write_heatmap
-from pipeline.heatmap.scores import check_normalisation, normalise, score_heatmap
+from pipeline.heatmap.scores import check_normalisation, gradcam_scores, normalise, score_heatmap
 from pipeline.io import same_mpp
 from pipeline.mlflow_names import heatmap_metric
 from pipeline.run_folder import load_trained
@@ -36,13 +40,18 @@ log = logging.getLogger("gapless.heatmap")
 def heatmap_model(model, config: Mapping, store, out_dir: str | Path, sample_id: str | None = None,
                   head: str | None = None, normalisation: str = "rank", annotations=None,
                   positive_classes: Sequence[str] = (), batch_size: int = 64, device=None,
-                  run_id: str | None = None, tracking_uri: str | None = None, progress: bool = True) -> dict:
+                  run_id: str | None = None, tracking_uri: str | None = None, progress: bool = True,
+                  gradcam: bool = False, write: bool = True) -> dict:
     """One model on one store: stitch, normalise, score, write into ``out_dir``, log to MLflow.
 
     ``annotations``: an ``Annotations``, a GeoJSON path, or None for the one recorded in the store
     at tiling time (attr ``annotations``, with its ``positive_classes`` unless given), when it
     exists. MLflow: with ``tracking_uri`` and ``run_id`` (default: ``config["run_id"]``) the scores
-    go to that run as ``heatmap/{sample}/{score}`` and the PNG under ``heatmaps/``.
+    go to that run as ``heatmap/{sample}/{score}`` and the PNG under ``heatmaps/``. ``gradcam``: the
+    Grad-CAM map too (the model must expose ``forward_features`` and ``head``, as ``InstanceModel``
+    does); its scores join the returned ``scores`` (and MLflow) as ``gradcam_{score}``, its files the
+    paths as ``gradcam_png`` and ``gradcam_overlay``. ``write=False``: the maps are made and scored
+    but no file is written (no paths returned).
     """
     check_normalisation(normalisation)
     view = sample_view(store, sample_id)
@@ -67,19 +76,28 @@ def heatmap_model(model, config: Mapping, store, out_dir: str | Path, sample_id:
 
         annotations = load_annotations(annotations)  # a bad file fails before any inference
 
-    maps = stitch_store(model, config, view, batch_size, device, progress)
+    maps = stitch_store(model, config, view, batch_size, device, progress, gradcam)
     if not classes:
         classes = [str(i) for i in range(maps.probs.shape[1])]
     values, value_range = normalise(maps, normalisation)
     scores = score_heatmap(values, maps.cell, annotations, positive_classes) if annotations is not None else {}
+    g_layer, logged = None, dict(scores)
+    if gradcam:
+        g_values, g_range = normalise(maps, normalisation, "gradcam")
+        g_scores = score_heatmap(g_values, maps.cell, annotations, positive_classes) if annotations is not None else {}
+        g_layer = (g_values, g_range, g_scores)
+        if g_scores:
+            logged.update(gradcam_scores(g_scores))
 
-    thumbnail = view.thumbnail()
-    paths = write_heatmap(out_dir, sample_id, info, maps, values, value_range, normalisation, classes,
-                          thumbnail, scores, run_id)
+    paths = {}
+    if write:
+        paths = write_heatmap(out_dir, sample_id, info, maps, values, value_range, normalisation, classes,
+                              view.thumbnail(), scores, run_id, gradcam=g_layer)
+    del g_layer
     if tracking_uri and run_id:
-        log_scores(tracking_uri, run_id, {sample_id: scores}, [paths["png"]])
+        log_scores(tracking_uri, run_id, {sample_id: logged}, [paths[k] for k in ("png", "gradcam_png") if k in paths])
     p = maps.probs[:, -1] if len(maps.probs) else np.zeros(0)
-    return {**paths, "scores": scores, "range": list(value_range), "normalisation": normalisation,
+    return {**paths, "scores": logged, "range": list(value_range), "normalisation": normalisation,
             "run_id": run_id, "head": head, "tiles": int(len(maps.coords)), "cell_size": maps.cell,
             "canvas": [int(values.shape[0]), int(values.shape[1])],
             "p_mean": float(p.mean()) if len(p) else None, "p_max": float(p.max()) if len(p) else None}
@@ -111,12 +129,17 @@ MANIFEST_SCHEMA = "gapless.heatmaps/1"
 def heatmap_cohort(run_dir: str | Path, stores: Mapping[str, str | Path], out_dir: str | Path,
                    manifest: str | Path | None = None, normalisation: str = "rank", positive_classes: Sequence[str] = (),
                    batch_size: int = 64, tracking_uri: str | None = None, pngs_to_mlflow: int = 16,
-                   progress: bool = True, device=None) -> dict:
+                   progress: bool = True, device=None, gradcam: bool = False,
+                   outputs: Collection[str] | None = None) -> dict:
     """One trained model over every sample of a cohort (``stores``: sample id → its store, which may be a
     batch store): the model is loaded once, each sample's heatmap written into ``out_dir`` as
     :func:`heatmap_model` writes it, the scores logged to the model's run in one go (and the first
-    ``pngs_to_mlflow`` PNGs as artifacts), and ``manifest`` (JSON: each sample's files, scores and
-    tile probabilities' mean and max) written last. Returns the manifest's content."""
+    ``pngs_to_mlflow`` PNGs as artifacts, with their Grad-CAM PNGs), and ``manifest`` (JSON: each
+    sample's files, scores and tile probabilities' mean and max) written last. ``gradcam``: the
+    Grad-CAM map too (see :func:`heatmap_model`). ``outputs``: the samples whose files are written
+    (None: all); the others are mapped and scored only (their manifest entries name no files), which
+    is what a large cohort needs: pages for a few samples, scores for all. Returns the manifest's
+    content."""
     from tqdm import tqdm
 
     from pipeline.files import atomic_write_text
@@ -128,13 +151,17 @@ def heatmap_cohort(run_dir: str | Path, stores: Mapping[str, str | Path], out_di
     results = {}
     for sample_id, store in tqdm(stores.items(), desc=f"heatmaps {head}", unit="sample", disable=not progress,
                                  file=sys.stderr, dynamic_ncols=True):
+        write = outputs is None or sample_id in outputs
         r = heatmap_model(model, config, sample_view(store, sample_id), out_dir, sample_id, head, normalisation,
-                          None, positive_classes, batch_size, device, config.get("run_id"), None, False)
-        results[sample_id] = {"json": str(r["json"]), "png": str(r["png"]), "tiles": r["tiles"], "p_mean": r["p_mean"],
-                              "p_max": r["p_max"], "scores": r["scores"]}
+                          None, positive_classes, batch_size, device, config.get("run_id"), None, False, gradcam,
+                          write)
+        results[sample_id] = {"tiles": r["tiles"], "p_mean": r["p_mean"], "p_max": r["p_max"], "scores": r["scores"]}
+        for key in ("json", "png", "gradcam_png"):
+            if key in r:
+                results[sample_id][key] = str(r[key])
     if tracking_uri and config.get("run_id"):
         log_scores(tracking_uri, config["run_id"], {s: r["scores"] for s, r in results.items()},
-                   [Path(r["png"]) for r in list(results.values())[:pngs_to_mlflow]])
+                   [Path(r[k]) for r in list(results.values())[:pngs_to_mlflow] for k in ("png", "gradcam_png") if k in r])
     doc = {"schema": MANIFEST_SCHEMA, "head": head, "run_id": config.get("run_id"), "model": str(run_dir),
            "normalisation": normalisation, "samples": results}
     if manifest is not None:
@@ -144,7 +171,7 @@ def heatmap_cohort(run_dir: str | Path, stores: Mapping[str, str | Path], out_di
 
 def heatmap_sample(store, run_dirs, out_dir: str | Path, sample_id: str | None = None, normalisation: str = "rank",
                    annotations=None, positive_classes: Sequence[str] = (), batch_size: int = 64,
-                   tracking_uri: str | None = None, progress: bool = True, device=None) -> dict:
+                   tracking_uri: str | None = None, progress: bool = True, device=None, gradcam: bool = False) -> dict:
     """Heatmaps of one sample for one or several trained heads; returns ``{head: {paths, scores, …}}``.
 
     run_dirs: one training run directory (outputs go straight into ``out_dir``, e.g.
@@ -152,7 +179,7 @@ def heatmap_sample(store, run_dirs, out_dir: str | Path, sample_id: str | None =
     Heads are comparable because the normalisation puts each on the same scale, not because they
     run together: one call per head × sample gives the same files as one call for all heads.
     sample_id: default the store's name without ``.zarr``. annotations, positive_classes,
-    tracking_uri: see ``heatmap_model`` (the run id comes from each run directory's run_id.txt).
+    tracking_uri, gradcam: see ``heatmap_model`` (the run id comes from each run directory's run_id.txt).
     """
     check_normalisation(normalisation)
     device = resolve_device(device)  # once for every model
@@ -167,6 +194,6 @@ def heatmap_sample(store, run_dirs, out_dir: str | Path, sample_id: str | None =
         head = head or config["head"]
         results[head] = heatmap_model(model, config, view, target,
                                       sample_id, head, normalisation, annotations, positive_classes, batch_size,
-                                      device, config.get("run_id"), tracking_uri, progress)
+                                      device, config.get("run_id"), tracking_uri, progress, gradcam)
         del model
     return results

@@ -13,6 +13,11 @@ Normalisations (``NORMALISATIONS``), of the positive class = the last class:
     softmax over positions of the positive contribution (gap, max). Range [0, 1] for every head.
 The normalisation, the weights used and the range are recorded in every output.
 
+Map kinds (``MAP_KINDS``): ``head``, the head's own contribution map (above), and ``gradcam``, the
+positive class's Grad-CAM (:mod:`pipeline.heatmap.gradcam`), one post-hoc map computed the same way
+for every head. A Grad-CAM map is normalised as the head's is: ``raw`` is the map itself (≥ 0),
+``rank`` its per-slide percentile, ``attention`` p · g_ij / max(g) with g the tile's Grad-CAM.
+
 Scores (``score_heatmap``), where witness outlines exist: ``localisation_auroc``, the AUROC of the
 map at tissue cells touching a witness against all other tissue cells, and ``pointing_game_top{k}``
 for k in (1, 5): the fraction of the k highest tissue cells that touch a witness, k = 1 being the
@@ -21,7 +26,8 @@ order, so a flat map scores the witness base rate, not a lucky hit; k is capped 
 tissue cells), plus the counts ``witness_cells`` and ``tissue_cells``. The AUROC is None where a
 sample has no witness cell or no other tissue cell, the pointing game where it has no witness cell
 (negative samples). Logged to the head's MLflow run as ``heatmap/{sample}/{score}``, the PNG as an
-artifact under ``heatmaps/``.
+artifact under ``heatmaps/``; the Grad-CAM map's localisation scores (``GRADCAM_SCORES``) as
+``heatmap/{sample}/gradcam_{score}`` (``GRADCAM_PREFIX``) beside them.
 """
 
 from __future__ import annotations
@@ -42,9 +48,18 @@ NORMALISATION_LABELS = {
     "rank": "per-slide percentile of the positive contribution",
     "attention": "P(positive) spread by the head's spatial weights",
 }
+GRADCAM_LABEL = "Grad-CAM"
+GRADCAM_NORMALISATION_LABELS = {
+    "raw": "Grad-CAM of the positive class",
+    "rank": "per-slide percentile of the positive class's Grad-CAM",
+    "attention": "P(positive) spread by the tile's Grad-CAM",
+}
 SPREAD_WEIGHTS = {"share": "the head's share of p (contribution / p)", "attention": "the head's attention map",
                   "softmax": "softmax over positions of the positive contribution"}
 POINTING_K = (1, 5)
+MAP_KINDS = ("head", "gradcam")
+GRADCAM_PREFIX = "gradcam_"  # the Grad-CAM map's scores: gradcam_localisation_auroc, gradcam_pointing_game_top1, …
+GRADCAM_SCORES = ("localisation_auroc", *(f"pointing_game_top{k}" for k in POINTING_K))  # prefixed when logged
 
 
 def check_normalisation(method: str) -> None:
@@ -52,15 +67,25 @@ def check_normalisation(method: str) -> None:
         raise GaplessError(None, f"unknown normalisation {method!r}", f"choose one of {', '.join(NORMALISATIONS)}")
 
 
-def normalise(maps: StitchedMaps, method: str = "rank") -> tuple[np.ndarray, tuple[float, float]]:
-    """(rows, cols) float32 map on the chosen scale (NaN outside tissue) and its colour range (lo, hi)."""
+def normalise(maps: StitchedMaps, method: str = "rank", kind: str = "head") -> tuple[np.ndarray, tuple[float, float]]:
+    """(rows, cols) float32 map on the chosen scale (NaN outside tissue) and its colour range (lo, hi).
+
+    ``kind``: ``head`` (the head's own map) or ``gradcam`` (its Grad-CAM map; ``maps`` must hold one)."""
     check_normalisation(method)
-    valid = maps.valid & np.isfinite(maps.raw)
-    out = np.full(maps.raw.shape, np.nan, np.float32)
+    if kind == "head":
+        raw_map, spread_map = maps.raw, maps.spread
+    elif kind == "gradcam":
+        if maps.gradcam is None:
+            raise GaplessError(None, "these stitched maps have no Grad-CAM map", "stitch with gradcam=True")
+        raw_map, spread_map = maps.gradcam, maps.gradcam_spread
+    else:
+        raise GaplessError(None, f"unknown map kind {kind!r}", f"choose one of {', '.join(MAP_KINDS)}")
+    valid = maps.valid & np.isfinite(raw_map)
+    out = np.full(raw_map.shape, np.nan, np.float32)
     if method == "attention":
-        out[valid] = maps.spread[valid]
+        out[valid] = spread_map[valid]
         return out, (0.0, 1.0)
-    raw = maps.raw[valid]
+    raw = raw_map[valid]
     if method == "rank":
         if raw.size:
             out[valid] = _percentile_ranks(raw) if raw.size > 1 else 0.5
@@ -152,3 +177,10 @@ def score_heatmap(values: np.ndarray, cell_size: float, annotations, positive_cl
         scores[f"pointing_game_top{q}"] = float(hits / q_eff)
     return scores
 
+
+
+def gradcam_scores(scores: dict) -> dict:
+    """The localisation scores of a Grad-CAM map (``score_heatmap``'s) as logged beside the head's:
+    ``gradcam_localisation_auroc``, ``gradcam_pointing_game_top1``, ``gradcam_pointing_game_top5``
+    (the witness and tissue cell counts are the head map's: the same cells)."""
+    return {GRADCAM_PREFIX + k: scores.get(k) for k in GRADCAM_SCORES}

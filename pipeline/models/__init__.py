@@ -4,8 +4,9 @@
     out = model(images)            # HeadOutput: logits B×K, contribution B×K×h×w, attention, …
     loss = F.nll_loss(out.logits, y) if out.scores_are_log_probs else F.cross_entropy(out.logits, y)
 
-Heads (``HEADS``): gap, max, cbam, attnpool, saol. Add one with ``@register_head("name")`` on a
-``Head`` subclass; nothing else changes.
+Heads (``HEADS``): gap, max, cbam, attnpool, ltpa, saol. Add one with ``@register_head("name")`` on
+a ``Head`` subclass (in heads.py, or in a module of its own imported here, as ltpa.py); nothing else
+changes.
 """
 
 from .backbone import create_backbone, earlier_stage_indices, load_backbone_weights
@@ -24,6 +25,7 @@ from .heads import (
     register_head,
 )
 from .layers import ClassAttention, ClassAttentionBlock, GateRecordingCbam
+from .ltpa import LtpaHead
 from .model import InstanceModel, create_model
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "Head",
     "HeadOutput",
     "InstanceModel",
+    "LtpaHead",
     "MaxHead",
     "SaolHead",
     "create_backbone",

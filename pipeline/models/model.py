@@ -38,8 +38,8 @@ class InstanceModel(nn.Module):
                     None,
                     f"head {head.name!r} fuses {wanted} earlier stage(s) but backbone "
                     f"{self.backbone_name!r} exposes {len(earlier)} through forward_intermediates",
-                    "pass fuse_stages=1 to the head, or use a backbone with feature_info "
-                    "(resnet, efficientnet, …)",
+                    "build the head on the final stage only (saol: fuse_stages=1, ltpa: attention_stages=1, "
+                    "in train.head_kwargs), or use a backbone with feature_info (resnet, efficientnet, …)",
                 )
             self.stage_indices = earlier[-wanted:]
         head.prepare_backbone(backbone, self.backbone_name)
@@ -73,6 +73,7 @@ def create_model(
     num_classes: int,
     in_chans: int = 3,
     pretrained: bool | str | Path = False,
+    backbone_kwargs: dict[str, Any] | None = None,
     **head_kw: Any,
 ) -> InstanceModel:
     """Build ``InstanceModel(timm backbone, registered head)``.
@@ -82,6 +83,8 @@ def create_model(
     .safetensors/.pth/.pt weights file for the backbone (GaplessError if missing or not matching).
     in_chans: image channels (2 for two-channel fluorescence; timm adapts the stem). head_kw: the
     head's own keyword arguments (``class_prior``, ``num_heads``, ``fuse_stages``, …).
+    backbone_kwargs: more ``timm.create_model`` arguments (e.g. a narrower ResNet's ``channels``); the
+    head's own ``backbone_kwargs`` take precedence.
     """
     head_cls = get_head_class(head)
     net = create_backbone(
@@ -89,7 +92,7 @@ def create_model(
         in_chans=in_chans,
         pretrained=pretrained,
         requirement=head_cls.backbone_requirement,
-        **head_cls.backbone_kwargs,
+        **{**(backbone_kwargs or {}), **head_cls.backbone_kwargs},
     )
     if head_cls.accepts_stage_channels and "stage_channels" not in head_kw:
         info = getattr(net, "feature_info", None) or []

@@ -13,7 +13,14 @@ is the baseline), the setting (``setting_keys``, params; a missing one is "n/a";
 keys are "n/a" too when the config's ``samples`` names a sample sheet, since the demo settings did not
 make that data), the final test metrics, and the localisation scores: the mean over the run's test
 samples with witness cells of each sample's heatmap ``localisation_auroc`` and
-``pointing_game_top{1,5}`` (pipeline/heatmap.py logs them to the run).
+``pointing_game_top{1,5}``, and of the same scores of the Grad-CAM map (``gradcam_localisation_auroc``,
+``gradcam_pointing_game_top{1,5}``) (pipeline/heatmap logs them to the run; a run without them has
+n/a there: NaN in the tables, not counted in n).
+
+Settings and the x axis. The workflow passes the setting keys and the x axis from the config
+(``columns.sweep_settings``: ``train.kind`` and every demo key a ``sweep`` entry sets; x ``report.x``,
+or the numeric swept key with the most distinct values). By hand (``x_key="auto"``) the x axis is
+chosen the same way (``columns.choose_x``) from the runs' values of ``setting_keys``.
 
 Heads. Ordered by ``HeadInfo.sort_key()`` (declared order, then name) as the runs' tags record it; a
 run logged before head tags existed has ``HeadInfo(name)`` defaults: it sorts after the declared heads
@@ -39,8 +46,10 @@ Outputs in ``out_dir`` (all plain files a Snakemake rule can mark with ``report(
   ``paired.tsv``: one row per paired setting × head ≠ baseline × compared metric (``paired_columns``).
   ``runs.tsv``: every child run, counted or skipped (``skip_reason``).
   ``report.md``: the tables per setting, the paired verdicts and what the numbers do and do not show.
-  ``metric_vs_witness_fraction.png``: mean ± interval against witness fraction, a line per head, one
-    panel per metric (a row per other setting, e.g. kind).
+  ``metric_vs_<x>.png`` (``columns.plot_file``; ``metric_vs_witness_fraction.png``,
+    ``metric_vs_cells_per_image.png``): mean ± interval against the x setting, a line per head, one
+    panel per metric (a row of panels per combination of the other settings that vary, e.g. image
+    modality or kind; log x when the values are positive and span 10× or more).
   ``heatmaps_side_by_side.png``: given ``heatmap_pngs`` ({head: PNG of one slide}), the heads side by side.
 The same files are logged to the parent run, with summary metrics per setting × head and per paired
 comparison (``parent.report_metrics``, named by ``mlflow_names.report_metric``).
@@ -55,6 +64,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from pipeline.errors import GaplessError
 from pipeline.files import atomic_write, outputs
 from pipeline.report.columns import (
     CONFIDENCE,
@@ -70,20 +80,27 @@ from pipeline.report.columns import (
     PAIRED_METRICS,
     VERDICTS,
     WITNESS_KEY,
+    X_AUTO,
+    axis_words,
+    choose_x,
     paired_columns,
+    plot_file,
+    resolve_x,
     setting_label,
     setting_text,
     short_name,
     summary_columns,
+    sweep_settings,
 )
 from pipeline.report.markdown import baseline_notes, interval_text, write_markdown
 from pipeline.report.parent import log_to_parent, report_metrics
-from pipeline.report.plots import plot_heatmaps, plot_metrics
+from pipeline.report.plots import metric_layout, plot_heatmaps, plot_metrics
 from pipeline.report.runs import (
     _search_all as _search_all,  # re-exported: tests page through it
 )
 from pipeline.report.runs import (
     collect_runs,
+    counted,
     head_infos,
     head_order,
     localisation_scores,
@@ -99,10 +116,11 @@ from pipeline.report.tables import (
 __all__ = [
     "CONFIDENCE", "COST_METRICS", "DEFAULT_SETTING_KEYS", "FINAL_METRICS", "INTERVAL_METRICS", "LABELS",
     "LOCALISATION_KEYS", "METRIC_RANGE", "NA", "PAIRED_COLUMNS_TAIL", "PAIRED_METRICS", "VERDICTS", "WITNESS_KEY",
-    "baseline_notes", "collect_runs", "head_infos", "head_order", "interval_text", "localisation_scores",
-    "log_to_parent", "paired_columns", "paired_comparison", "plot_heatmaps", "plot_metrics", "report_metrics",
-    "runs_table", "setting_baselines", "setting_label", "setting_text", "short_name", "summarise",
-    "summary_columns", "t_interval", "verdict", "write_markdown", "write_report",
+    "X_AUTO", "baseline_notes", "choose_x", "collect_runs", "head_infos", "head_order", "interval_text",
+    "localisation_scores", "log_to_parent", "metric_layout", "paired_columns", "paired_comparison", "plot_file",
+    "plot_heatmaps", "plot_metrics", "report_metrics", "resolve_x", "runs_table", "setting_baselines",
+    "setting_label", "setting_text", "short_name", "summarise", "summary_columns", "sweep_settings", "t_interval",
+    "verdict", "write_markdown", "write_report",
 ]
 
 log = logging.getLogger("gapless.report")
@@ -111,16 +129,26 @@ log = logging.getLogger("gapless.report")
 def write_report(tracking_uri: str, parent_run_id: str, out_dir: str | Path = "results/report",
                  heatmap_pngs: Mapping[str, str | Path] | None = None,
                  setting_keys: Sequence[str] = DEFAULT_SETTING_KEYS, experiment_id: str | None = None,
-                 baseline: str | None = None, log_mlflow: bool = True) -> dict:
+                 baseline: str | None = None, log_mlflow: bool = True, x_key: str = X_AUTO) -> dict:
     """Collect the comparison's runs from MLflow, write ``out_dir`` (package docstring) and log it to the parent.
 
     baseline: None to take each setting's baseline from the runs' head tags; a head name to pair every
-    setting against that head instead. Returns ``{"paths": {name: Path}, "summary": DataFrame,
-    "paired": DataFrame, "runs": DataFrame, "skipped": [run dicts]}``.
+    setting against that head instead. x_key: the setting on the metric plot's x axis (one of
+    ``setting_keys``, or its short name), or "auto" (``columns.resolve_x``: from the runs' values).
+    Returns ``{"paths": {name: Path}, "summary": DataFrame, "paired": DataFrame, "runs": DataFrame,
+    "skipped": [run dicts], "x_key": the x axis}``.
     """
     setting_keys = tuple(setting_keys)
     out = Path(out_dir)
+    if x_key not in (X_AUTO, "", None):  # a wrong x fails before the store is read
+        try:
+            x_key = resolve_x(x_key, setting_keys, {})
+        except ValueError as exc:
+            raise GaplessError(None, str(exc), "pass one of the setting keys (--setting-key) as --x, or auto") from None
     runs = collect_runs(tracking_uri, parent_run_id, setting_keys, experiment_id)
+    if x_key in (X_AUTO, "", None):
+        x_key = resolve_x(X_AUTO, setting_keys, {k: [r["setting"][i] for r in counted(runs)]
+                                                 for i, k in enumerate(setting_keys)})
     out.mkdir(parents=True, exist_ok=True)  # only once there is something to report
     infos = head_infos(runs)
     summary = summarise(runs, setting_keys)
@@ -132,21 +160,22 @@ def write_report(tracking_uri: str, parent_run_id: str, out_dir: str | Path = "r
         for name, frame in (("summary", summary), ("paired", paired), ("runs", table)):
             paths[name] = out / f"{name}.tsv"
             atomic_write(paths[name], lambda tmp: frame.to_csv(tmp, sep="\t", index=False, na_rep="NaN", float_format="%.6g"))  # noqa: B023
-        plots = {"metrics vs witness fraction": plot_metrics(summary, out / "metric_vs_witness_fraction.png", setting_keys,
-                                                             heads=head_order(summary["head"], infos))}
-        paths["metric_plot"] = plots["metrics vs witness fraction"]
+        plot_name = f"metrics vs {axis_words(x_key)}"
+        plots = {plot_name: plot_metrics(summary, out / plot_file(x_key), setting_keys, x_key,
+                                         heads=head_order(summary["head"], infos))}
+        paths["metric_plot"] = plots[plot_name]
         if heatmap_pngs:
             samples = {Path(p).stem for p in heatmap_pngs.values()}
             title = f"sample {samples.pop()}" if len(samples) == 1 else None
             paths["heatmaps"] = plots["heatmaps side by side"] = plot_heatmaps(
                 heatmap_pngs, out / "heatmaps_side_by_side.png", title, heads=head_order(heatmap_pngs, infos))
         meta = {"tracking URI": tracking_uri, "comparison (parent) run": parent_run_id,
-                "setting keys": ", ".join(setting_keys), "baseline": ", ".join(baselines) or "none"}
+                "setting keys": ", ".join(setting_keys), "x axis": x_key, "baseline": ", ".join(baselines) or "none"}
         paths["markdown"] = write_markdown(out / "report.md", runs, summary, paired, setting_keys, meta, plots,
-                                           baselines, baseline_notes(runs, setting_keys, baseline))
+                                           baselines, baseline_notes(runs, setting_keys, baseline), x_key)
     if log_mlflow:
         log_to_parent(tracking_uri, parent_run_id, list(paths.values()), report_metrics(summary, paired))
     skipped = [r for r in runs if r["skip_reason"] is not None]
     for r in skipped:
         log.warning("report: skipped run %s (%s seed %s): %s", r["run_id"], r["head"], r["seed"], r["skip_reason"])
-    return {"paths": paths, "summary": summary, "paired": paired, "runs": table, "skipped": skipped}
+    return {"paths": paths, "summary": summary, "paired": paired, "runs": table, "skipped": skipped, "x_key": x_key}

@@ -15,8 +15,11 @@ from pipeline.report.columns import (
     LABELS,
     METRIC_RANGE,
     VERDICTS,
+    as_number,
+    axis_words,
     setting_text,
     short_name,
+    value_sort_key,
 )
 from pipeline.report.runs import counted, head_tag_conflicts
 from pipeline.report.statistics import t_quantile
@@ -160,20 +163,48 @@ def _paired_findings(paired, baselines: Sequence[str], setting_keys: Sequence[st
     return out
 
 
+def _axis_findings(summary, setting_keys: Sequence[str], x_key: str | None) -> list[str]:
+    """What the metric plot puts on its x axis, and what else varies (its rows of panels)."""
+    if x_key is None or x_key not in setting_keys:
+        return []
+    column = short_name(x_key)
+    values = sorted(summary[column].astype(str).unique(), key=value_sort_key)
+    numbers = [as_number(v) for v in values]
+    scale = ""
+    if all(n is not None for n in numbers) and min(numbers) > 0 and max(numbers) / min(numbers) >= 10:
+        scale = ", on a log scale"
+    others = [short_name(k) for k in setting_keys if k != x_key and summary[short_name(k)].astype(str).nunique() > 1]
+    text = (f"The figure puts {axis_words(x_key)} on its x axis ({', '.join(values)}{scale}): each metric's mean "
+            f"and 95 % interval over seeds, a line per head")
+    if others:
+        text += f"; {', '.join(others)} vary too, so it has a row of panels per combination of their values"
+    return [text + "."]
+
+
 def _localisation_findings(runs) -> list[str]:
-    """Which runs have localisation scores, and over which samples."""
+    """Which runs have localisation scores (the head's maps', Grad-CAM's), and over which samples."""
     loc = [r for r in counted(runs) if r["localisation_auroc"] is not None]
     if not loc:
-        return [("No run has localisation scores (no heatmaps with witness annotations were logged), so the "
-                 "localisation and pointing-game columns are empty.")]
-    samples = [r["heatmap_samples"] for r in loc]
-    return [f"Localisation scores exist for {len(loc)} of {len(counted(runs))} runs, each the mean over "
-            f"{min(samples) if min(samples) == max(samples) else f'{min(samples)}–{max(samples)}'} "
-            f"sample(s) with witness cells"
-            + (" in the run's test split (slides the head did not train on)."
-               if all(r.get("localisation_on") == "test split" for r in loc)
-               else ", over every sample its heatmaps were scored on (some runs logged no test split, "
-                    "so training slides count there too).")]
+        out = [("No run has localisation scores (no heatmaps with witness annotations were logged), so the "
+                "localisation and pointing-game columns (the heads' maps' and Grad-CAM's) are empty (NaN in "
+                "summary.tsv, left out of the tables here).")]
+    else:
+        samples = [r["heatmap_samples"] for r in loc]
+        out = [f"Localisation scores exist for {len(loc)} of {len(counted(runs))} runs, each the mean over "
+               f"{min(samples) if min(samples) == max(samples) else f'{min(samples)}–{max(samples)}'} "
+               f"sample(s) with witness cells"
+               + (" in the run's test split (slides the head did not train on)."
+                  if all(r.get("localisation_on") == "test split" for r in loc)
+                  else ", over every sample its heatmaps were scored on (some runs logged no test split, "
+                       "so training slides count there too).")]
+    gradcam = [r for r in counted(runs) if r.get("gradcam_localisation_auroc") is not None]
+    if loc and not gradcam:
+        out.append("No run has Grad-CAM localisation scores (heatmaps logged before Grad-CAM was scored): n/a "
+                   "(NaN in summary.tsv, left out of the tables, the figure and the paired comparison).")
+    elif gradcam and len(gradcam) < len(counted(runs)):
+        out.append(f"Grad-CAM localisation scores exist for {len(gradcam)} of {len(counted(runs))} runs; the others "
+                   f"are n/a (not counted in the Grad-CAM columns' n).")
+    return out
 
 
 def _summary_tables(summary, setting_keys: Sequence[str]) -> list[str]:
@@ -181,7 +212,9 @@ def _summary_tables(summary, setting_keys: Sequence[str]) -> list[str]:
     note = ("Every metric here lies in [0, 1]; an interval that reaches past that is shown cut at 0 or 1 "
             "(`summary.tsv` keeps the t-interval as computed).")
     lines = ["## Per setting (mean [95 % t-interval] over seeds)", "", note, ""]
-    header = ["head", "seeds"] + [label for _, label in INTERVAL_METRICS] + [label for _, label in COST_METRICS]
+    # a metric no row has (e.g. Grad-CAM scores of older runs) is left out here; summary.tsv keeps it, NaN
+    metrics = [(m, label) for m, label in INTERVAL_METRICS if (summary[f"{m}_n"] > 0).any()]
+    header = ["head", "seeds"] + [label for _, label in metrics] + [label for _, label in COST_METRICS]
     for setting in summary["setting"].unique():
         part = summary[summary["setting"] == setting]
         lines += [f"### {_row_setting(part.iloc[0], setting_keys)}", ""]
@@ -189,7 +222,7 @@ def _summary_tables(summary, setting_keys: Sequence[str]) -> list[str]:
         for _, r in part.iterrows():
             cells = [r["head"], f"{r['n_seeds']} ({r['seeds']})"]
             cells += [interval_text(int(r[f"{m}_n"]), r[f"{m}_mean"], r[f"{m}_ci_low"], r[f"{m}_ci_high"], int(r["n_seeds"]),
-                                    bounds=METRIC_RANGE) for m, _ in INTERVAL_METRICS]
+                                    bounds=METRIC_RANGE) for m, _ in metrics]
             cells += [_cost(r[f"{c}_mean"]) for c, _ in COST_METRICS]
             rows.append(cells)
         lines += _md_table(header, rows) + [""]
@@ -231,16 +264,19 @@ def _skipped_table(runs, setting_keys: Sequence[str]) -> list[str]:
 
 
 def write_markdown(path: Path, runs, summary, paired, setting_keys: Sequence[str], meta: Mapping[str, str],
-                   plots: Mapping[str, Path], baselines: Sequence[str] = (), notes: Sequence[str] = ()) -> Path:
+                   plots: Mapping[str, Path], baselines: Sequence[str] = (), notes: Sequence[str] = (),
+                   x_key: str | None = None) -> Path:
     """``report.md``: sources, notes and findings, the table per setting, the paired verdicts, skipped runs.
 
     baselines: the heads the paired rows compare with (one per paired setting, each once, in head
-    order); notes: sentences put before the findings (``baseline_notes``).
+    order); notes: sentences put before the findings (``baseline_notes``); x_key: the setting on the
+    metric plot's x axis (a finding names it).
     """
     lines = ["# Head comparison", ""]
     lines += [f"- {k}: `{v}`" for k, v in meta.items()] + [""]
     findings = (list(notes) + _seed_findings(runs, summary, setting_keys)
-                + _paired_findings(paired, baselines, setting_keys) + _localisation_findings(runs))
+                + _paired_findings(paired, baselines, setting_keys) + _localisation_findings(runs)
+                + _axis_findings(summary, setting_keys, x_key))
     lines += ["## What the numbers show and do not show", ""] + [f"- {s}" for s in findings] + [""]
     lines += _summary_tables(summary, setting_keys)
     lines += _paired_tables(paired, baselines, setting_keys)

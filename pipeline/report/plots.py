@@ -1,5 +1,6 @@
-"""The report's figures: each interval metric against the witness fraction (a line per head), and one
-slide's heatmaps side by side (a panel per head). Heads appear in the order they are given."""
+"""The report's figures: each interval metric against the swept setting on the x axis (a line per head,
+a row of panels per combination of the other settings that vary), and one slide's heatmaps side by
+side (a panel per head). Heads appear in the order they are given."""
 
 from __future__ import annotations
 
@@ -122,29 +123,59 @@ def _draw_metric(ax, part, metric: str, heads: Sequence[str], colours: Mapping, 
     return drawn
 
 
+@dataclass
+class MetricLayout:
+    """What the metric plot shows: the x axis, the other settings that vary (a row of panels per
+    combination of their values, ``groups``), and the metrics (a panel each, three to a row)."""
+
+    axis: _XAxis
+    others: list[str]  # the summary columns of the other settings that take several values
+    groups: list[tuple[tuple, object]]  # (their values, the summary rows) per combination, in summary order
+    metrics: list[tuple[str, str]]  # (column stem, label): the interval metrics some row has
+
+    @property
+    def titles(self) -> list[str]:
+        """Each row of panels' combination as text (``image_modality brightfield``); "" with one row."""
+        return [", ".join(f"{k} {v}" for k, v in zip(self.others, key)) for key, _ in self.groups]
+
+
+def metric_layout(summary, setting_keys: Sequence[str] = DEFAULT_SETTING_KEYS, x_key: str = WITNESS_KEY) -> MetricLayout:
+    """The metric plot's layout for ``summary``: ``x_key`` on x (no axis when it is no setting key: each
+    head a dot), a row of panels per combination of the other settings that take several values (those
+    with one value, e.g. the only kind, are constant across the plot), a panel per interval metric that
+    some row has (every metric when none has any: the Grad-CAM scores of older runs are left out)."""
+    axis = _XAxis.of(summary, short_name(x_key) if x_key in setting_keys else None)
+    others = [short_name(k) for k in setting_keys
+              if k != x_key and summary[short_name(k)].astype(str).nunique() > 1]
+    groups = summary.groupby(others, sort=False, dropna=False) if others else [((), summary)]
+    groups = [(g if isinstance(g, tuple) else (g,), part) for g, part in groups]
+    metrics = [(m, label) for m, label in INTERVAL_METRICS if (summary[f"{m}_n"] > 0).any()] or list(INTERVAL_METRICS)
+    return MetricLayout(axis, others, groups, metrics)
+
+
 def plot_metrics(summary, path: Path, setting_keys: Sequence[str] = DEFAULT_SETTING_KEYS,
                  x_key: str = WITNESS_KEY, heads: Sequence[str] | None = None) -> Path:
-    """Each interval metric against ``x_key`` (witness fraction): mean ± 95 % interval, a line per head.
+    """Each interval metric against ``x_key`` (the swept setting): mean ± 95 % interval, a line per head.
 
-    One column per metric, one row per combination of the other settings (e.g. kind). A head with one
-    seed at a point shows the mean without a bar (its interval is undefined). With one x value each
-    head is a dot (with its bar), side by side. ``heads``: the legend's order (default: as the summary
-    lists them).
+    ``metric_layout``: a panel per metric (three to a row), a row of panels per combination of the
+    other settings that vary (e.g. image modality, kind). The x axis is logarithmic when its values are
+    positive and span 10× or more (cells per image 16 … 1024), categorical when they are not numbers. A
+    head with one seed at a point shows the mean without a bar (its interval is undefined). With one x
+    value each head is a dot (with its bar), side by side. ``heads``: the legend's order (default: as
+    the summary lists them).
     """
     plt = _pyplot()
-    axis = _XAxis.of(summary, short_name(x_key) if x_key in setting_keys else None)
-    others = [short_name(k) for k in setting_keys if k != x_key]
-    groups = (summary.groupby(others, sort=False, dropna=False) if others else [((), summary)])
-    groups = [(g if isinstance(g, tuple) else (g,), part) for g, part in groups]
+    layout = metric_layout(summary, setting_keys, x_key)
+    axis, metrics = layout.axis, layout.metrics
     heads = list(heads) if heads is not None else list(dict.fromkeys(summary["head"]))
     colours = {h: plt.get_cmap("tab10")(i % 10) for i, h in enumerate(heads)}
     cols = 3  # metrics wrap onto rows of three panels, per group of the other settings
-    per_group = math.ceil(len(INTERVAL_METRICS) / cols)
-    fig, axes = plt.subplots(len(groups) * per_group, cols, figsize=(3.6 * cols, 2.8 * len(groups) * per_group + 0.7),
+    per_group = math.ceil(len(metrics) / cols)
+    n_groups = len(layout.groups)
+    fig, axes = plt.subplots(n_groups * per_group, cols, figsize=(3.6 * cols, 2.8 * n_groups * per_group + 0.7),
                              squeeze=False, layout="constrained")
-    for g, (key, part) in enumerate(groups):
-        title = ", ".join(f"{k} {v}" for k, v in zip(others, key))
-        for j, (m, label) in enumerate(INTERVAL_METRICS):
+    for g, ((_, part), title) in enumerate(zip(layout.groups, layout.titles)):
+        for j, (m, label) in enumerate(metrics):
             ax = axes[g * per_group + j // cols, j % cols]
             if not _draw_metric(ax, part, m, heads, colours, axis):
                 ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="0.5")
@@ -152,7 +183,7 @@ def plot_metrics(summary, path: Path, setting_keys: Sequence[str] = DEFAULT_SETT
             axis.format(ax)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
-        for j in range(len(INTERVAL_METRICS), per_group * cols):
+        for j in range(len(metrics), per_group * cols):
             axes[g * per_group + j // cols, j % cols].set_axis_off()
     handles = [plt.Line2D([], [], color=colours[h], marker="o", label=h) for h in heads]
     handles.append(plt.Line2D([], [], color="0.3", marker="o", mfc="white", ls="none", label="one seed: no interval"))

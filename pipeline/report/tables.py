@@ -29,6 +29,16 @@ from pipeline.report.runs import counted, head_infos, head_order
 from pipeline.report.statistics import finite_mean, t_interval, verdict
 
 
+def _has(value) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def present_metrics(runs: Sequence[dict], metrics: Sequence[str]) -> list[str]:
+    """Of ``metrics``, those that at least one counted run has (a finite value), in the given order."""
+    rows = counted(runs)
+    return [m for m in metrics if any(_has(r.get(m)) for r in rows)]
+
+
 def by_setting(runs: Sequence[dict]) -> list[tuple[tuple, list[dict]]]:
     """The counted runs grouped by setting (run order kept), settings in value order."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -97,12 +107,14 @@ def paired_comparison(runs: Sequence[dict], setting_keys: Sequence[str] = DEFAUL
 
     The baseline per setting: ``setting_baselines`` (the runs' tags, or ``baseline`` for every setting).
     A setting with no or several claimed baselines has no rows; a setting without the given
-    ``baseline`` head gets rows with n_pairs 0 and the verdict "n too small".
+    ``baseline`` head gets rows with n_pairs 0 and the verdict "n too small". A metric that no counted
+    run has (e.g. the Grad-CAM scores of runs mapped before heatmaps logged them) has no rows.
     """
     import pandas as pd
 
     infos = head_infos(runs)
     claims = setting_baselines(runs, baseline)
+    metrics = present_metrics(runs, metrics)
     rows = []
     for setting, in_setting in by_setting(runs):
         if len(claims[setting]) != 1:

@@ -43,7 +43,7 @@ from pipeline.tiling.cutting import (
     _histogram_bins,
     tile_write_config,
 )
-from pipeline.tiling.grid import TileSettings
+from pipeline.tiling.grid import TileSettings, fit_whole
 from pipeline.tiling.tiler import _attrs, _plan, _survey
 
 log = logging.getLogger("gapless.tiling")
@@ -146,10 +146,15 @@ def tile_batch(samples: Sequence[Sample], out: str | Path, manifest: str | Path,
                 continue
             if appender is None:  # the first sample decides the codec: JPEG for 8-bit RGB brightfield, else lossless
                 codec = tile_codec(settings.codec, settings.quality, tiles.dtype, tiles.shape[-1], entry["modality"])
-                appender = _Appender(root, partial, settings.tile_size, tiles.shape[-1], tiles.dtype, codec)
-            elif (tiles.dtype, tiles.shape[1:]) != (appender.dtype, appender.shape):
+                appender = _Appender(root, partial, entry["tile_size"], tiles.shape[-1], tiles.dtype, codec)
+            elif tiles.dtype != appender.dtype or tiles.shape[-1] != appender.shape[-1]:
                 problems.append(f"{sample.sample_id}: {sample.path}: holds {tiles.shape[-1]} channel(s) of "
                                 f"{tiles.dtype.name}, unlike the batch's first sample; give each kind of image a cohort of its own")
+                continue
+            elif tiles.shape[1:] != appender.shape:  # whole-field tiles of fields of another size
+                problems.append(f"{sample.sample_id}: {sample.path}: its whole-field tile is {tiles.shape[1]} px, the "
+                                f"batch's first field's {appender.shape[0]} px; whole-field tiling needs fields of one "
+                                "size per cohort: resize them, or give each field size a cohort (sample sheet) of its own")
                 continue
             if not problems:
                 appender.add(tiles)
@@ -160,7 +165,7 @@ def tile_batch(samples: Sequence[Sample], out: str | Path, manifest: str | Path,
             raise SampleSheetError(out, problems)  # every bad sample of the batch, and no store
         n = appender.close()
         _write_small_arrays(root, parts)
-        attrs = {"schema": BATCH_SCHEMA, "samples": entries, "tile_size": settings.tile_size,
+        attrs = {"schema": BATCH_SCHEMA, "samples": entries, "tile_size": int(appender.shape[0]),
                  "channels": int(appender.shape[-1]), "dtype": appender.dtype.name, "n_tiles": n,
                  "tiles_per_shard": appender.per_shard, "tool_version": __version__,
                  "seconds": round(time.perf_counter() - start_time, 3)}
@@ -182,6 +187,7 @@ def _tile_one(sample: Sample, settings: TileSettings, start: int) -> tuple[dict,
     annotations = load_annotations(own.annotations) if own.annotations else None
     with open_source(sample.path, own.kind) as source:
         source_mpp, mpp_source = source.resolve_mpp(own.slide_mpp)
+        own = fit_whole(own, source, source_mpp, sample.path)
         grid = _plan(source, sample.path, source_mpp, own)
         survey = _survey(source, sample.path, own, annotations, grid, source_mpp, mpp_source, BATCH_THUMBNAIL_SIDE)
         tiles = _cut(source, survey.coords, grid, own.tile_size)

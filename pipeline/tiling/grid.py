@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
@@ -48,6 +48,8 @@ class TileSettings:
     on_empty: str = setting("error", choices=("error", "flag"),
                             help="a sample without tissue: error stops, flag writes an empty store flagged "
                                  "'no tissue' (also --allow-empty)")
+    whole: bool = setting(False, help="one tile per image: the whole field at --mpp (a square of the shorter side; "
+                                      "--tile-size and --stride are ignored); for training on whole fields of cells")
 
     # The grid a cell image gets in the workflow (`tiling.image`) where it differs from the fields':
     # nuclei on black cover less of a tile than tissue on a slide. `gapless tile` keeps the fields'.
@@ -63,7 +65,9 @@ class TileSettings:
 
         if not (self.mpp > 0 and math.isfinite(self.mpp)):
             raise GaplessError(path, f"--mpp must be a positive number, got {self.mpp}", "e.g. --mpp 0.5")
-        if self.tile_size < 8:
+        if not isinstance(self.whole, bool):
+            raise GaplessError(path, f"whole must be true or false, got {self.whole!r}", "e.g. whole: true")
+        if self.tile_size < 8 and not self.whole:
             raise GaplessError(path, f"--tile-size must be at least 8 px, got {self.tile_size}", "e.g. --tile-size 224")
         if self.stride is not None and self.stride < 1:
             raise GaplessError(path, f"--stride must be at least 1 px, got {self.stride}", "e.g. --stride 224")
@@ -137,6 +141,26 @@ def plan_grid(source: Source, source_mpp: float, mpp: float, tile_size: int, str
     while rows and round((rows - 1) * step) + extent > H + 0.5:
         rows -= 1
     return TileGrid(level, downsample, read_size, tile_size, stride, tile_mpp, extent, step, columns, rows)
+
+
+def fit_whole(settings: TileSettings, source: Source, source_mpp: float, path) -> TileSettings:
+    """``settings`` with the tile and stride set to the whole field for ``whole`` (else as they are).
+
+    The tile is the image's shorter side at the target µm/px, so a square field is one tile; of a
+    non-square field the top-left square is kept (a warning says how much is left out).
+    """
+    if not settings.whole:
+        return settings
+    W, H = source.dimensions
+    scale = source_mpp / settings.mpp  # as plan_grid: a source within tolerance of the target is read as is
+    side = min(W, H) if abs(scale - 1) <= MPP_TOLERANCE else math.floor(min(W, H) * scale)
+    if side < 8:
+        raise GaplessError(path, f"a {W}×{H}-px image at {source_mpp:.3g} µm/px is under 8 px at {settings.mpp:.3g} µm/px",
+                           "use a finer mpp for whole-field tiles")
+    if W != H:
+        log.warning("%s: whole-field tiles are square: the top-left %d×%d of a %d×%d image is kept",
+                    path, min(W, H), min(W, H), W, H)
+    return replace(settings, tile_size=side, stride=side)
 
 
 def tissue_fractions(mask: np.ndarray, mask_downsample: tuple[float, float], coords: np.ndarray, extent: float) -> np.ndarray:

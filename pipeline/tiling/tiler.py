@@ -21,7 +21,7 @@ from pipeline.io import Source, open_source
 from pipeline.store import TileStoreAttrs, integrity_record, small_codecs, tile_codecs
 from pipeline.tiling import cutting
 from pipeline.tiling.cutting import ChannelStats, _cut_here, _cut_shards, _Helpers, effective_workers, shard_tiles
-from pipeline.tiling.grid import TileGrid, TileSettings, plan_grid, tissue_fractions
+from pipeline.tiling.grid import TileGrid, TileSettings, fit_whole, plan_grid, tissue_fractions
 
 log = logging.getLogger("gapless.tiling")
 
@@ -93,6 +93,7 @@ def tile_source(
     source = open_source(path, settings.kind)  # for the overview, then this process cuts from it too
     try:
         source_mpp, mpp_source = source.resolve_mpp(settings.slide_mpp)
+        settings = fit_whole(settings, source, source_mpp, path)
         grid = _plan(source, path, source_mpp, settings)
         # helpers start now: their start-up overlaps the overview and tissue mask
         helpers.start(path, source.kind, effective_workers(workers, grid.columns * grid.rows) - 1)

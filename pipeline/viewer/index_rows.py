@@ -158,9 +158,11 @@ def _add_manifest(table: IndexTable, path: Path, newest: dict[int, float], first
             tiles[i] = entry["tiles"]
         if newest.get(i, 0.0) < mtime:
             newest[i] = mtime
-    first = next(iter(doc["samples"].values()), {})
-    if head not in first_json and isinstance(first.get("json"), str):
-        first_json[head] = first["json"]
+    if head not in first_json:  # the first sample whose files were written (a large cohort's few)
+        written = (e["json"] for e in doc["samples"].values() if isinstance(e.get("json"), str))
+        first = next(written, None)
+        if first is not None:
+            first_json[head] = first
 
 
 def _named_page(out_html: Path, entry) -> tuple[str, Path, object]:

@@ -2,6 +2,9 @@
 
 The page's data (pyramid, heads, tiles, scores, outlines) is embedded as ``window.GAPLESS_SAMPLE``
 in a ``<script>`` (Chromium blocks ``fetch()`` of local files); ``viewer_assets/viewer.js`` draws it.
+A head whose heatmap JSON has a Grad-CAM map (``gradcam``) gets a second layer right after its own,
+named ``{head}:gradcam`` and labelled "{label} · Grad-CAM": selectable like a head (buttons, side by
+side), with its own overlay, range and scores.
 """
 
 from __future__ import annotations
@@ -75,9 +78,22 @@ def sample_page_data(sample_id: str, pyr: dict, heads: list[dict], page_dir: Pat
             "format": pyr["format"],
             "maxLevel": pyr["max_level"],  # the finest level on disk; `gapless view` serves finer ones
         },
-        "heads": [_head_data(h, page_dir) for h in heads],
+        "heads": [layer for h in heads for layer in _head_layers(h, page_dir)],
         "annotations": outlines,
     }
+
+
+def _head_layers(h: dict, page_dir: Path) -> list[dict]:
+    """The head's own layer, and its Grad-CAM layer where the heatmap has one (the module docstring)."""
+    own = _head_data(h, page_dir)
+    g = h.get("gradcam")
+    if not g:
+        return [own]
+    return [own, {**own, "name": f"{own['name']}:gradcam", "label": f"{own['label']} · Grad-CAM",
+                  "description": f"Grad-CAM (Selvaraju et al. 2017) of the positive class for the {own['label']} "
+                                 "model: a post-hoc map computed the same way for every head",
+                  "range": g["range"], "overlay": rel_url(g["overlay_path"], page_dir),
+                  "overlaySize": g["overlay_size"], "scores": g["scores"]}]
 
 
 def _head_data(h: dict, page_dir: Path) -> dict:

@@ -4,6 +4,7 @@
 # fields of its settings dataclass (pipeline.settings), so a new setting needs no edit here.
 
 import functools
+import itertools
 import json
 import os
 import shlex
@@ -374,6 +375,32 @@ def heatmap_folder(wildcards, output):
 HEATMAP_SETTINGS = settings_json(HeatmapSettings, config["heatmaps"])
 
 
+def every_heatmap_written():
+    """heatmaps.pages: all without max_pages: every model writes every sample's files (the demo)."""
+    return config["heatmaps"]["pages"] == "all" and config["heatmaps"]["max_pages"] is None
+
+
+def written_samples(cohort, seed):
+    """The cohort's samples whose heatmap files a model of ``seed`` writes, when not all
+    (every_heatmap_written): the viewer seed's models write the paged samples and the report's figure
+    sample; other seeds' models map and score every sample but write no files (nothing shows them)."""
+    if int(seed) != viewer_seed():
+        return []
+    wanted = set(paged_samples()) | {report_sample()}
+    return [s for s in mapped_samples() if cohort_of(s) == cohort and s in wanted]
+
+
+def written_list(wildcards):
+    """The heatmap job's list of samples to write files for (none when it writes all)."""
+    if every_heatmap_written():
+        return []
+    return [f"{HEATMAPS}/manifests/written/seed{wildcards.seed}/{wildcards.cohort}.txt"]
+
+
+def written_options(wildcards, input):
+    return shlex.join(["--outputs-for", input.written[0]]) if input.written else ""
+
+
 def heatmap_options(wildcards):
     options = []
     for name in config["tiling"]["positive_classes"]:
@@ -389,7 +416,8 @@ def viewer_seed():
 @functools.cache
 def paged_samples():
     """The samples with a viewer page: every mapped sample (heatmaps.pages: all), or those of the
-    viewer seed's test split (test); at most heatmaps.max_pages of them, in sheet order."""
+    viewer seed's test split (test); at most heatmaps.max_pages of them, taken from the cohorts in turn
+    (in sheet order within each), so every cohort of a sweep gets its share."""
     mapped = mapped_samples()
     if config["heatmaps"]["pages"] == "test":
         from pipeline.splits import check_split
@@ -401,7 +429,15 @@ def paged_samples():
             test |= {s for s, split in assignment.items() if split == "test"}
         mapped = [s for s in mapped if s in test]
     limit = config["heatmaps"]["max_pages"]
-    return mapped if limit is None else mapped[:limit]
+    if limit is None or len(mapped) <= limit:
+        return mapped
+    # shared among the cohorts (each sweep dataset gets its pages): their samples in turn, in sheet order
+    by_cohort = {}
+    for s in mapped:
+        by_cohort.setdefault(cohort_of(s), []).append(s)
+    turns = itertools.chain.from_iterable(itertools.zip_longest(*by_cohort.values()))
+    chosen = set(itertools.islice((s for s in turns if s is not None), limit))
+    return [s for s in mapped if s in chosen]
 
 
 def page_manifests(wildcards):
@@ -459,7 +495,7 @@ def pages_note():
     else:
         note = "every mapped sample (heatmaps.pages: all)"
     if limit is not None:
-        note += f", at most {limit} in sheet order (heatmaps.max_pages: {limit})"
+        note += f", at most {limit}, taken from the cohorts in turn (heatmaps.max_pages: {limit})"
     return note
 
 
@@ -481,11 +517,47 @@ def report_folder(wildcards, output):
     return os.path.dirname(output.summary)
 
 
-def report_heatmap_options(wildcards):
-    """One slide's PNG per head for the side-by-side figure: the first positive mapped sample."""
+def report_settings():
+    """(setting keys, x axis) of the report, as run params: train.kind and every demo key a sweep entry
+    sets (without a sweep: kind, witness fraction, cell density); x is report.x, or (auto) the numeric
+    swept key with the most distinct values across the datasets (pipeline.report.columns.sweep_settings)."""
+    from pipeline.report.columns import sweep_settings
+
+    x = config.get("report", {}).get("x", "auto")
+    sweep = config["sweep"] if DEMO_MODE else []
+    known = [key for key in config["demo"] if key != "out"]
+    try:
+        return sweep_settings(sweep, DATASETS if DEMO_MODE else {}, config["train"]["kinds"], x, known)
+    except ValueError as error:
+        raise WorkflowError(f"config: {error}") from None
+
+
+REPORT_SETTINGS = report_settings()
+
+
+def report_plot():
+    """The metric plot's path, named after its x axis (results/report/metric_vs_witness_fraction.png)."""
+    from pipeline.report.columns import plot_file
+
+    return f"{REPORT}/{plot_file(REPORT_SETTINGS[1])}"
+
+
+def report_setting_options(wildcards):
+    """`gapless report` flags: each setting key (--setting-key) and the x axis (--x)."""
+    keys, x = REPORT_SETTINGS
+    return shlex.join([*(part for key in keys for part in ("--setting-key", key)), "--x", x])
+
+
+def report_sample():
+    """The sample of the report's side-by-side figure: the first positive mapped sample."""
     mapped = mapped_samples()
     positives = [s for s in mapped if SAMPLES[s].label == config["classes"][-1]]
-    sample_id = (positives or mapped)[0]
+    return (positives or mapped)[0]
+
+
+def report_heatmap_options(wildcards):
+    """One slide's PNG per head for the side-by-side figure (report_sample)."""
+    sample_id = report_sample()
     options = []
     for head in config["train"]["heads"]:
         options += ["--heatmap", f"{head}={HEATMAPS}/{head}/seed{viewer_seed()}/{sample_id}.png"]

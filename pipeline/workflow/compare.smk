@@ -1,5 +1,7 @@
 # The comparison: every run of this comparison read back from MLflow (not from loose files),
 # tables with intervals over seeds, each head against the baseline head (gap), plots; logged to the comparison run.
+# The settings are train.kind and the demo keys the sweep varies; the plot's x axis is report.x or the numeric
+# swept key with the most distinct values (common.smk: report_settings), and names the plot: metric_vs_<x>.png.
 
 
 rule compare:
@@ -12,14 +14,15 @@ rule compare:
         paired=report(f"{REPORT}/paired.tsv", caption="report/paired.rst", category="Comparison"),
         runs=f"{REPORT}/runs.tsv",
         markdown=report(f"{REPORT}/report.md", caption="report/report.rst", category="Comparison"),
-        plot=report(f"{REPORT}/metric_vs_witness_fraction.png", caption="report/metrics.rst", category="Comparison"),
+        plot=report(report_plot(), caption="report/metrics.rst", category="Comparison"),  # metric_vs_<x>.png
         heatmaps=report(f"{REPORT}/heatmaps_side_by_side.png", caption="report/heatmaps.rst", category="Heatmaps"),
     params:
         out=report_folder,
         heatmaps=report_heatmap_options,
+        settings=report_setting_options,
     log:
         f"{LOGS}/compare.log",
     conda:
         "../../envs/gapless.yaml"
     shell:
-        "gapless report --comparison {input.comparison:q} --out {params.out:q} {params.heatmaps} > {log:q} 2>&1"
+        "gapless report --comparison {input.comparison:q} --out {params.out:q} {params.settings} {params.heatmaps} > {log:q} 2>&1"

@@ -1,9 +1,25 @@
 # Heatmaps: one job per trained model (cohort × head × seed) maps every sample of its cohort, the model
 # loaded once; a Deep Zoom pyramid and a static viewer page for each paged sample (heatmaps.pages); an
 # index page listing every mapped sample (the viewer seed's manifests) and linking the paged ones.
+# With heatmaps.pages: test or a max_pages, only the viewer seed's models write files, and only for the
+# paged samples (and the report's figure sample): every sample is still mapped and scored.
+# The heatmap job's settings (heatmaps.normalisation, batch_size, gradcam) reach `gapless heatmap` as one
+# --settings JSON (HEATMAP_SETTINGS); with heatmaps.gradcam each head's Grad-CAM map is written beside its
+# own map (same folder, {sample}.gradcam.png and .gradcam.overlay.png, named in {sample}.json), scored as
+# gradcam_* in the manifest and the model's run, and shown as a layer on the sample pages.
 
 
 ruleorder: heatmap_index > sample_page  # results/heatmaps/index.html is the index, never a sample's page
+
+
+rule heatmap_written:
+    # which samples' files a model's heatmap job writes, when not all (common.smk: written_samples)
+    output:
+        f"{HEATMAPS}/manifests/written/seed{{seed}}/{{cohort}}.txt",
+    localrule: True
+    run:
+        ids = written_samples(wildcards.cohort, wildcards.seed)
+        Path(output[0]).write_text("".join(f"{s}\n" for s in ids), encoding="utf-8")
 
 
 rule heatmap:
@@ -12,6 +28,7 @@ rule heatmap:
         tiles=cohort_stores,
         sheet=cohort_sheet,
         comparison=ancient(COMPARISON),
+        written=written_list,
     output:
         f"{HEATMAPS}/manifests/{{head}}/seed{{seed}}/{{cohort}}.json",
     params:
@@ -21,6 +38,7 @@ rule heatmap:
         kind=cohort_kind,
         settings=HEATMAP_SETTINGS,
         options=heatmap_options,
+        written=written_options,
         device=config["train"]["device"],
     threads: config["heatmaps"]["threads"]
     resources:
@@ -34,7 +52,7 @@ rule heatmap:
         "gapless heatmap --samples {input.sheet:q} --tiles {params.tiles:q} --kind {params.kind}"
         " --model {params.run:q} --out {params.out:q} --manifest {output:q}"
         " --settings {params.settings:q} --device {params.device} --threads {threads}"
-        " --comparison {input.comparison:q} {params.options} > {log:q} 2>&1"
+        " --comparison {input.comparison:q} {params.options} {params.written} > {log:q} 2>&1"
 
 
 rule slide_pyramid:

@@ -277,18 +277,23 @@ def open_store(path: str | Path, check: bool = True):
     path = Path(path)
     if not path.exists():
         raise GaplessError(path, "no such tile store", "run `gapless tile` first")
-    try:
-        root = zarr.open_group(path, mode="r")
-    except Exception as exc:
-        raise GaplessError(path, f"not a zarr store ({exc.__class__.__name__})", "pass a store written by `gapless tile`") from None
+    # Training and heatmap jobs open a batch store once per sample: the group (its zarr.json holds every
+    # sample's attributes, ~1 MB for 400 fields) is read and its entries parsed once per process while
+    # that zarr.json is unchanged (reading it per sample made opening a cohort quadratic).
+    key = _attrs_key(path)
+    root = _OPENED.get(key) if key is not None else None
+    if root is None:
+        try:
+            root = zarr.open_group(path, mode="r")
+        except Exception as exc:
+            raise GaplessError(path, f"not a zarr store ({exc.__class__.__name__})", "pass a store written by `gapless tile`") from None
     if root.attrs.get("schema") == BATCH_SCHEMA:
-        # a heatmap job opens a batch store once per sample: its entries are parsed once per process
-        # while its zarr.json is unchanged
-        key = _attrs_key(path)
-        if key is None or key not in _PARSED:
+        if key is None or key not in _OPENED:
             batch_samples(root, path)  # every sample's attributes
             if key is not None:
-                _PARSED.add(key)
+                if len(_OPENED) >= 64:
+                    _OPENED.pop(next(iter(_OPENED)))
+                _OPENED[key] = root
     else:
         TileStoreAttrs.from_attrs(root.attrs, path)  # the schema, and every attribute a reader relies on
     if check:
@@ -296,7 +301,7 @@ def open_store(path: str | Path, check: bool = True):
     return root
 
 
-_PARSED: set = set()
+_OPENED: dict = {}  # (path, zarr.json size, mtime) → the opened batch store's group
 
 
 def _attrs_key(path: Path):

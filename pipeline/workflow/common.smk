@@ -390,6 +390,13 @@ def written_samples(cohort, seed):
     return [s for s in mapped_samples() if cohort_of(s) == cohort and s in wanted]
 
 
+def write_written_list(wildcards, path, log):
+    """The heatmap_written rule: the list for a cohort and seed, and its count in the log."""
+    ids = written_samples(wildcards.cohort, wildcards.seed)
+    Path(path).write_text("".join(f"{s}\n" for s in ids), encoding="utf-8")
+    Path(log).write_text(f"{len(ids)} sample(s) get heatmap files\n", encoding="utf-8")
+
+
 def written_list(wildcards):
     """The heatmap job's list of samples to write files for (none when it writes all)."""
     if every_heatmap_written():

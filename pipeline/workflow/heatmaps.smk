@@ -16,10 +16,11 @@ rule heatmap_written:
     # which samples' files a model's heatmap job writes, when not all (common.smk: written_samples)
     output:
         f"{HEATMAPS}/manifests/written/seed{{seed}}/{{cohort}}.txt",
+    log:
+        f"{LOGS}/heatmap_written/seed{{seed}}/{{cohort}}.log",
     localrule: True
     run:
-        ids = written_samples(wildcards.cohort, wildcards.seed)
-        Path(output[0]).write_text("".join(f"{s}\n" for s in ids), encoding="utf-8")
+        write_written_list(wildcards, output[0], log[0])
 
 
 rule heatmap:

@@ -363,7 +363,7 @@ def test_a_sweep_plans_one_dataset_and_cohort_per_entry(tmp_path: Path) -> None:
     # each cohort trains on its own dataset's sheet and logs that dataset's settings
     assert ("gapless train --samples results/demo/w20/samples.csv --tiles results/tiles"
             " --out results/models/w20-slide/saol/seed1 --kind slide") in shell
-    assert '"dataset": "w01", "demo": {' in shell and '"witness_fraction": 0.01}' in shell
+    assert '"dataset": "w01", "demo": {' in shell and '"witness_fraction": 0.01, "witnesses": 0}' in shell
 
 
 def test_the_benchmark_presets_are_valid_configs(tmp_path: Path) -> None:

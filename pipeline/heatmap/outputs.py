@@ -28,6 +28,7 @@ it every output is exactly as before.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -154,8 +155,10 @@ def _score_text(scores: dict) -> str:
     return " · ".join(parts)
 
 
+@functools.lru_cache(maxsize=8)
 def _font(size: int):
-    """DejaVu Sans (shipped with matplotlib) at ``size`` px; Pillow's own scalable default otherwise."""
+    """DejaVu Sans (shipped with matplotlib) at ``size`` px; Pillow's own scalable default otherwise
+    (read once per size and process: a cohort's job draws two figures per sample)."""
     from PIL import ImageFont
 
     try:

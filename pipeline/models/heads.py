@@ -119,6 +119,18 @@ class Head(nn.Module):
     def forward(self, features: torch.Tensor, extra: dict[str, Any] | None = None) -> HeadOutput:
         raise NotImplementedError
 
+    def earlier_stages(self, extra: dict[str, Any] | None, single: str) -> list[torch.Tensor]:
+        """The ``feature_stages`` − 1 deepest earlier stages from ``extra["stages"]`` (shallow → deep);
+        ValueError naming ``single`` (the option that builds the head on the final map) when they are missing."""
+        wanted = self.feature_stages - 1
+        stages = list((extra or {}).get("stages", ()))[-wanted:] if wanted else []
+        if len(stages) != wanted:
+            raise ValueError(
+                f"{self.name} was built to use {wanted} earlier stage(s) but extra['stages'] has {len(stages)}; "
+                f"call it through InstanceModel or build it with {single}"
+            )
+        return stages
+
 
 HEADS: dict[str, type[Head]] = {}
 H = TypeVar("H", bound=type[Head])
@@ -448,12 +460,7 @@ class SaolHead(Head):
     def _spatial_input(self, features: torch.Tensor, extra: dict[str, Any] | None) -> torch.Tensor:
         if self.feature_stages == 1:
             return features
-        stages = list((extra or {}).get("stages", ()))[-(self.feature_stages - 1) :]
-        if len(stages) != self.feature_stages - 1:
-            raise ValueError(
-                f"saol was built to fuse {self.feature_stages - 1} earlier stage(s) but extra['stages'] "
-                f"has {len(stages)}; call it through InstanceModel or build it with fuse_stages=1"
-            )
+        stages = self.earlier_stages(extra, "fuse_stages=1")
         size = features.shape[-2:]
         pooled = [F.adaptive_avg_pool2d(s, size).to(features.dtype) for s in stages]
         return torch.cat([*pooled, features], dim=1)

@@ -154,13 +154,7 @@ class LtpaHead(Head):
         """The feature maps the head attends over, shallow → deep, the final map last."""
         if self.feature_stages == 1:
             return [features]
-        stages = list((extra or {}).get("stages", ()))[-(self.feature_stages - 1) :]
-        if len(stages) != self.feature_stages - 1:
-            raise ValueError(
-                f"ltpa was built to attend over {self.feature_stages - 1} earlier stage(s) but "
-                f"extra['stages'] has {len(stages)}; call it through InstanceModel or build it with "
-                "attention_stages=1"
-            )
+        stages = self.earlier_stages(extra, "attention_stages=1")
         got = tuple(s.shape[1] for s in stages)
         if got != self.stage_channels:
             raise ValueError(f"ltpa was built for earlier stages of {self.stage_channels} channels, got {got}")

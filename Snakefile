@@ -21,6 +21,7 @@ include: "pipeline/workflow/demo.smk"
 include: "pipeline/workflow/tiling.smk"
 include: "pipeline/workflow/training.smk"
 include: "pipeline/workflow/heatmaps.smk"
+include: "pipeline/workflow/slide_level.smk"
 include: "pipeline/workflow/compare.smk"
 
 

@@ -30,6 +30,14 @@ class HeadInfo:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def at_slide_level(self) -> "HeadInfo":
+        """The same head as a slide-level model (over a slide's tile grid, trained from slide labels): its heatmap
+        layer's name (``{name}_slide``), label and order, after every tile-level head, so one viewer page shows
+        both sets of layers side by side."""
+        return HeadInfo(f"{self.name}_slide", f"{self.shown} · slide level",
+                        f"{self.description} — over the slide's tile grid, trained from slide labels alone",
+                        self.order + 10_000, False)
+
     @classmethod
     def from_dict(cls, data: dict | None, name: str | None = None) -> "HeadInfo":
         """From :meth:`to_dict`'s form; unknown keys are ignored, missing ones take the defaults."""

@@ -4,15 +4,19 @@ A training run (child of a comparison run) carries:
 
 - tags ``head``, ``seed``, ``backbone``, ``mlflow.parentRunId``, the head's ``HeadInfo`` as
   ``gapless.head.{label,description,order,baseline}`` (what the report shows and pairs against),
-  and ``gapless.run_dir`` / ``gapless.host`` / ``gapless.pid`` (which folder and process own it);
-- params ``train.<setting>``, ``split.<train|val|test>`` (comma-separated sample ids) and the
-  pipeline's resolved config flattened under ``config.`` (``config.demo.witness_fraction``);
+  ``gapless.run_dir`` / ``gapless.host`` / ``gapless.pid`` (which folder and process own it), and
+  ``gapless.level = slide`` for a slide-level run (``gapless train-slides``: a head over each slide's
+  tile embeddings, from slide labels); a run without the tag is a tile-level run (:func:`run_level`);
+- params ``train.<setting>``, ``split.<train|val|test>`` (comma-separated sample ids), the
+  pipeline's resolved config flattened under ``config.`` (``config.demo.witness_fraction``) and, at the
+  slide level, ``encoder_<attribute>`` (what encoded the embeddings: ``encoder_backbone``, …);
 - metrics per epoch and ``test_*`` at the end, and ``heatmap/<sample>/<score>`` from the heatmaps.
 
 The comparison (parent) run has the tag ``gapless.role = comparison`` and the config flattened
 without a prefix; once the report is written, the tag ``gapless.report = written``, the report's files
 under the artifact folder ``report`` and its metrics ``report/<setting>/<head>/<name>`` (against the
-baseline: ``report/<setting>/<head>/vs_<baseline>/<name>``). Readers (the report) use the parsers here, so a renamed key changes one module.
+baseline: ``report/<setting>/<head>/vs_<baseline>/<name>``; the slide level's under ``report/slide_level/``).
+Readers (the report) use the parsers here, so a renamed key changes one module.
 """
 
 from __future__ import annotations
@@ -36,12 +40,16 @@ TAG_PID = "gapless.pid"
 TAG_SUPERSEDED_BY = "gapless.superseded_by"
 TAG_REPORT = "gapless.report"
 REPORT_WRITTEN = "written"
+TAG_LEVEL = "gapless.level"  # what a training run's head pools over: "tile" (no tag) or "slide"
+LEVEL_TILE = "tile"
+LEVEL_SLIDE = "slide"
 _HEAD_TAG = "gapless.head."
 
 # params
 TRAIN_PREFIX = "train."
 CONFIG_PREFIX = "config."
 SPLIT_PREFIX = "split."
+ENCODER_PREFIX = "encoder_"  # a slide-level run's encoder of its embeddings: encoder_{encoder,backbone,weights,…}
 
 # metrics
 HEATMAP_PREFIX = "heatmap/"
@@ -97,6 +105,12 @@ def train_key(setting: str) -> str:
     return TRAIN_PREFIX + setting
 
 
+def encoder_param(key: str) -> str:
+    """``encoder_param("backbone")`` → ``encoder_backbone``: a slide-level run's param naming what encoded
+    its embeddings (the embedding store's attribute ``key``)."""
+    return ENCODER_PREFIX + key
+
+
 def split_params(split_ids: dict) -> dict:
     """``{"train": [ids], ...}`` → ``{"split.train": "a,b", ...}``."""
     return {f"{SPLIT_PREFIX}{name}": ",".join(ids) for name, ids in split_ids.items()}
@@ -128,10 +142,12 @@ def parse_heatmap_metric(name: str) -> tuple[str, str] | None:
     return (sample, key) if sep and sample and key else None
 
 
-def report_metric(setting: str, head: str, name: str, baseline: str | None = None) -> str:
+def report_metric(setting: str, head: str, name: str, baseline: str | None = None, level: str = LEVEL_TILE) -> str:
     """A report metric on the comparison run: ``report/<setting>/<head>/<name>``, or with ``baseline``
-    (a paired difference) ``report/<setting>/<head>/vs_<baseline>/<name>``."""
-    stem = f"{REPORT_PREFIX}{mlflow_safe(setting)}/{mlflow_safe(head)}"
+    (a paired difference) ``report/<setting>/<head>/vs_<baseline>/<name>``; a level other than the tile
+    level under ``report/<level>_level/`` (``report/slide_level/<setting>/<head>/<name>``)."""
+    where = "" if level == LEVEL_TILE else f"{mlflow_safe(level, slash=False)}_level/"
+    stem = f"{REPORT_PREFIX}{where}{mlflow_safe(setting)}/{mlflow_safe(head)}"
     if baseline is not None:
         stem += f"/vs_{mlflow_safe(baseline)}"
     return f"{stem}/{name}"
@@ -147,6 +163,17 @@ def head_and_seed(tags: dict, params: dict) -> tuple[str | None, str | None]:
     head = tags.get(TAG_HEAD) or params.get(TAG_HEAD) or None
     seed = tags.get(TAG_SEED) or params.get(TAG_SEED) or None
     return head, seed
+
+
+def run_level(tags: dict) -> str:
+    """A training run's level: its ``gapless.level`` tag, ``tile`` when it has none (tile-level training
+    does not write the tag; runs logged before slide-level training existed are tile-level)."""
+    return tags.get(TAG_LEVEL) or LEVEL_TILE
+
+
+def level_tags(level: str) -> dict:
+    """The tag a training run at ``level`` starts with (slide-level training: ``{"gapless.level": "slide"}``)."""
+    return {TAG_LEVEL: level}
 
 
 def head_tagged(tags: dict) -> bool:

@@ -11,8 +11,8 @@ import numpy as np
 from pipeline.inference import forward
 
 
-def roc_and_confusion(test: dict, classes: list[str], out: Path) -> list[Path]:
-    """ROC curve and confusion matrix of the test split, as PNGs."""
+def roc_and_confusion(test: dict, classes: list[str], out: Path, level: str = "tile") -> list[Path]:
+    """ROC curve and confusion matrix of the test split (``level``: tile or slide, for the titles), as PNGs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,15 +23,15 @@ def roc_and_confusion(test: dict, classes: list[str], out: Path) -> list[Path]:
     probs, labels = test["probs"], test["labels"]
     if len(np.unique(labels)) > 1 and probs.shape[1] == 2:
         fig, ax = plt.subplots(figsize=(4, 4))
-        RocCurveDisplay.from_predictions(labels, probs[:, 1], ax=ax, name="tiles")
-        ax.set_title("test ROC (tile level)")
+        RocCurveDisplay.from_predictions(labels, probs[:, 1], ax=ax, name=f"{level}s")
+        ax.set_title(f"test ROC ({level} level)")
         paths.append(out / "roc.png")
         fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(4, 4))
     ConfusionMatrixDisplay.from_predictions(labels, probs.argmax(1), labels=list(range(len(classes))),
                                             display_labels=classes, ax=ax, colorbar=False)
-    ax.set_title("test confusion (tile level)")
+    ax.set_title(f"test confusion ({level} level)")
     paths.append(out / "confusion.png")
     fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -17,6 +17,7 @@ from pipeline.demo import DemoSettings
 from pipeline.settings import (HeatmapSettings, add_setting_flags, setting, setting_defaults, setting_fields,
                                settings_from_args, settings_json)
 from pipeline.tiling import TileSettings
+from pipeline.slide_level.settings import SlideTrainSettings
 from pipeline.train_settings import TrainSettings
 
 SCHEMA = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "schema.yaml").read_text(encoding="utf-8"))
@@ -27,6 +28,7 @@ WORKFLOW_ONLY = {
     "tiling": {"batch"},  # cell images per tile_batch job
     "train": {"kinds", "heads", "seeds"},  # the jobs: one per cohort × head × seed
     "heatmaps": {"seed", "threads", "pages", "max_pages"},  # the viewer's seed and pages; the rule's threads
+    "slide_level": set(),  # (its train section; the rest of slide_level is the workflow's)
 }
 # Settings that each job gets from elsewhere than its config section (wildcards, the sample sheet), or
 # that only library callers set.
@@ -35,6 +37,8 @@ JOB_ONLY = {
     TileSettings: {"slide_mpp", "kind", "annotations"},  # the sample sheet's mpp, kind and annotations
     TrainSettings: {"head", "seed", "kind"},  # the job's wildcards
     HeatmapSettings: set(),
+    # the job's wildcards (split_seed: the seed), the rule's threads and train.device, and train.split
+    SlideTrainSettings: {"head", "seed", "split_seed", "threads", "device", "split"},
 }
 KINDS = ("slide", "image")
 KIND_ONLY = {"slide": {"whole"}}  # settings the config does not offer for a kind (no whole-slide tile)
@@ -55,6 +59,8 @@ def sections() -> list[tuple[str, type, dict, dict]]:
         ("demo", DemoSettings, schema_defaults(props["demo"]), dataclass_side(DemoSettings)),
         ("train", TrainSettings, schema_defaults(props["train"]), dataclass_side(TrainSettings)),
         ("heatmaps", HeatmapSettings, schema_defaults(props["heatmaps"]), dataclass_side(HeatmapSettings)),
+        ("slide_level.train", SlideTrainSettings, schema_defaults(props["slide_level"]["properties"]["train"]),
+         dataclass_side(SlideTrainSettings)),
     ]
     tiling = props["tiling"]
     shared = {k: v for k, v in schema_defaults(tiling).items() if k not in KINDS}

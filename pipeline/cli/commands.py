@@ -146,20 +146,9 @@ def _run_train(args) -> None:
             raise GaplessError(args.out, f"distributed training (torchrun, {settings.devices} processes) failed "
                                          f"with status {code}", "read the ranks' messages above")
         return
-    comparison = _comparison(args.comparison) if args.comparison else None
-
-    def connect() -> tuple[str, str, str | None]:
-        """The tracking store, opened only once the data has passed its checks."""
-        if comparison:
-            return comparison["tracking_uri"], comparison["experiment_id"], comparison["parent_run_id"]
-        from pipeline.tracking import artifact_root, prepare_tracking, tracking_uri
-
-        uri = tracking_uri(args.tracking_uri)
-        return uri, prepare_tracking(uri, args.experiment, artifact_root()), None
-
     t0 = time.perf_counter()
     metrics = train_cohort(args.samples, args.tiles, args.classes, settings, args.out, config=args.config,
-                           progress=not args.quiet, connect=connect)
+                           progress=not args.quiet, connect=_connect(args))
     if not current_world().main:
         return
     shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("test_auroc", "test_balanced_accuracy", "test_sample_auroc_max")
@@ -206,36 +195,64 @@ def _run_heatmap(args) -> None:
                   f"cells of {r['cell_size']:.0f} px{'; ' + scores if scores else ''} in {time.perf_counter() - t0:.1f} s -> {r['json']}")
 
 
+def _run_embed(args) -> None:
+    from pipeline.embed import embed_cohort, embed_store
+
+    _sample_id(args.sample)
+    if (args.store is None) == (args.samples is None):
+        raise GaplessError(None, "give a tile store, or --samples (and --tiles) for a cohort", "not both, not neither")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    encoder = dict(model_dir=args.model, backbone=args.backbone, weights=args.weights,
+                   backbone_kwargs=args.backbone_kwargs, batch_size=args.batch_size, device=args.device, seed=args.seed)
+    if args.samples is not None:
+        if args.tiles is None:
+            raise GaplessError(args.samples, "a cohort takes --tiles", "e.g. --samples S.csv --tiles results/tiles --out DIR")
+        stores = _cohort_stores(args.samples, args.tiles, args.kind)
+        t0 = time.perf_counter()
+        results = embed_cohort(stores, args.out, progress=not args.quiet, **encoder)
+        seconds, tiles = time.perf_counter() - t0, sum(r["n_tiles"] for r in results)
+        print(f"embed: {len(results)} {args.kind}s, {tiles} tiles, D {results[0]['dim']} in {seconds:.1f} s "
+              f"({tiles / max(seconds, 1e-9):.1f} tiles/s) -> {args.out}")
+        return
+    result = embed_store(args.store, args.out, sample_id=args.sample, progress=not args.quiet, **encoder)
+    a = result["attrs"]
+    print(f"embed: {a['sample_id']}: {result['n_tiles']} tiles, D {result['dim']} ({a['backbone']}, {a['encoder']}) in "
+          f"{result['seconds']:.1f} s ({result['tiles_per_second']:.1f} tiles/s over the batches) -> {result['out']}")
+
+
+def _cohort_stores(sheet: Path, tiles: Path, kind: str | None) -> dict:
+    """sample id → its tile store (its own, or the batch store listing it) for the samples of ``sheet`` of ``kind``;
+    a sample without one is an error naming how many and which."""
+    from pipeline.samples import load_sample_sheet, with_kinds
+    from pipeline.store import find_sample_store, sample_stores
+
+    samples = with_kinds(load_sample_sheet(sheet), sheet)
+    index, stores, missing = sample_stores(tiles), {}, []
+    for s in samples:
+        if kind is None or s.kind == kind:
+            store = find_sample_store(tiles, s.sample_id, index)
+            stores[s.sample_id] = store
+            missing += [s.sample_id] if store is None else []
+    if missing:
+        raise GaplessError(tiles, f"no tile store for {len(missing)} sample(s), e.g. {', '.join(missing[:3])}",
+                           "tile them first (the workflow's tile and tile_batch jobs)")
+    if not stores:
+        raise GaplessError(sheet, f"no {kind} samples in the sheet", "pass a sheet with samples of that kind")
+    return stores
+
+
 def _run_heatmap_cohort(args, settings, uri) -> None:
     """``gapless heatmap --samples SHEET --tiles DIR``: one model over every sample of a cohort."""
     from pipeline.heatmap.run import heatmap_cohort
-    from pipeline.samples import load_sample_sheet, with_kinds
-    from pipeline.store import find_sample_store, sample_stores
 
     if args.tiles is None or len(args.model) != 1:
         raise GaplessError(args.samples, "a cohort takes --tiles and exactly one --model and --out",
                            "e.g. --samples S.csv --tiles results/tiles --model RUN --out DIR")
-    samples = with_kinds(load_sample_sheet(args.samples), args.samples)
-    index, stores, missing = sample_stores(args.tiles), {}, []
-    for s in samples:
-        if args.kind is None or s.kind == args.kind:
-            store = find_sample_store(args.tiles, s.sample_id, index)
-            stores[s.sample_id] = store
-            missing += [s.sample_id] if store is None else []
-    if missing:
-        raise GaplessError(args.tiles, f"no tile store for {len(missing)} sample(s), e.g. {', '.join(missing[:3])}",
-                           "tile them first (the workflow's tile and tile_batch jobs)")
-    outputs = None
-    if args.outputs_for is not None:
-        try:
-            outputs = {line.strip() for line in args.outputs_for.read_text(encoding="utf-8").splitlines() if line.strip()}
-        except OSError as exc:
-            raise GaplessError(args.outputs_for, f"cannot read the list of samples to write ({exc.strerror})",
-                               "pass a text file with one sample id per line") from None
-        unknown = sorted(outputs - set(stores))
-        if unknown:
-            raise GaplessError(args.outputs_for, f"names {len(unknown)} sample(s) not in the cohort, e.g. "
-                               f"{', '.join(unknown[:3])}", "list sample ids of the --samples sheet (--kind)")
+    stores = _cohort_stores(args.samples, args.tiles, args.kind)
+    outputs = _outputs_for(args.outputs_for, stores, "list sample ids of the --samples sheet (--kind)")
     t0 = time.perf_counter()
     doc = heatmap_cohort(args.model[0], stores, args.out[0], args.manifest, settings.normalisation,
                          tuple(args.positive_class), settings.batch_size, uri, progress=not args.quiet, device=args.device,
@@ -243,6 +260,83 @@ def _run_heatmap_cohort(args, settings, uri) -> None:
     seconds = time.perf_counter() - t0
     print(f"heatmap: {doc['head']} ({args.model[0]}) on {len(stores)} samples in {seconds:.1f} s "
           f"({len(stores) / max(seconds, 1e-9):.1f} samples/s) -> {args.out[0]}")
+
+
+def _outputs_for(path: Path | None, known, fix: str) -> set[str] | None:
+    """The sample ids listed in ``path`` (one per line; None: no list), each one of ``known``."""
+    if path is None:
+        return None
+    try:
+        outputs = {line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
+    except OSError as exc:
+        raise GaplessError(path, f"cannot read the list of samples to write ({exc.strerror})",
+                           "pass a text file with one sample id per line") from None
+    unknown = sorted(outputs - set(known))
+    if unknown:
+        raise GaplessError(path, f"names {len(unknown)} sample(s) not in the cohort, e.g. {', '.join(unknown[:3])}", fix)
+    return outputs
+
+
+def _connect(args):
+    """A function giving (tracking URI, experiment id, parent run id): the comparison's, or the URI and
+    experiment of the flags (created when missing); called only once the data has passed its checks."""
+    comparison = _comparison(args.comparison) if args.comparison else None
+
+    def connect() -> tuple[str, str, str | None]:
+        if comparison:
+            return comparison["tracking_uri"], comparison["experiment_id"], comparison["parent_run_id"]
+        from pipeline.tracking import artifact_root, prepare_tracking, tracking_uri
+
+        uri = tracking_uri(args.tracking_uri)
+        return uri, prepare_tracking(uri, args.experiment, artifact_root()), None
+
+    return connect
+
+
+def _run_train_slides(args) -> None:
+    from pipeline.device import resolve_device
+    from pipeline.slide_level.settings import SlideTrainSettings
+    from pipeline.slide_level.train import train_slides
+
+    settings = settings_from_args(SlideTrainSettings, args)
+    resolve_device(settings.device)
+    settings.validate()
+    t0 = time.perf_counter()
+    metrics = train_slides(args.samples, args.embeddings, args.classes, settings, args.out, connect=_connect(args),
+                           config=args.config, progress=not args.quiet)
+    shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("test_auroc", "test_balanced_accuracy") if k in metrics)
+    print(f"train-slides: {settings.head} seed {settings.seed} on {metrics.get('test_slides', 0)} test slides: {shown} in "
+          f"{time.perf_counter() - t0:.0f} s; MLflow run {metrics['run_id']} -> {args.out}")
+
+
+def _run_heatmap_slides(args) -> None:
+    from pipeline.samples import load_sample_sheet, with_kinds
+    from pipeline.slide_level.heatmap import slide_heatmap_cohort
+    from pipeline.slide_level.train import embedding_stores
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    settings = settings_from_args(HeatmapSettings, args)
+    uri = _comparison(args.comparison)["tracking_uri"] if args.comparison else args.tracking_uri
+    slides = [s for s in with_kinds(load_sample_sheet(args.samples), args.samples) if s.kind == "slide"]
+    if not slides:
+        raise GaplessError(args.samples, "no slides in the sample sheet", "pass the sheet of the slide-level cohort")
+    stores = embedding_stores(slides, args.embeddings, args.samples)
+    annotations = {s.sample_id: s.annotations for s in slides if s.annotations is not None}
+    if args.annotations is not None:
+        if not args.annotations.is_dir():
+            raise GaplessError(args.annotations, "no such folder of annotations", "pass the folder of {sample_id}.geojson files")
+        annotations.update({s.sample_id: args.annotations / f"{s.sample_id}.geojson" for s in slides
+                            if (args.annotations / f"{s.sample_id}.geojson").is_file()})
+    outputs = _outputs_for(args.outputs_for, stores, "list slide ids of the --samples sheet")
+    t0 = time.perf_counter()
+    doc = slide_heatmap_cohort(args.model, stores, args.out, args.manifest, settings.normalisation, annotations,
+                               tuple(args.positive_class), tracking_uri=uri, outputs=outputs, progress=not args.quiet,
+                               device=args.device)
+    print(f"heatmap-slides: {doc['head']} ({args.model}) on {len(stores)} slides in {time.perf_counter() - t0:.1f} s "
+          f"({sum(1 for r in doc['samples'].values() if r['scores'])} scored) -> {args.out}")
 
 
 def _run_report(args) -> None:
@@ -257,8 +351,11 @@ def _run_report(args) -> None:
     pngs = _key_values(args.heatmap, "--heatmap", "gap=results/heatmaps/gap/seed0/S1.png")
     result = write_report(uri, parent, args.out, pngs or None, tuple(args.setting_key or DEFAULT_SETTING_KEYS),
                           log_mlflow=not args.no_mlflow, x_key=args.x)
+    slide = result["slide"]
+    slide_text = "" if slide is None else (f"; slide level: {len(slide.summary)} setting × head rows, "
+                                           f"{len(slide.paired)} paired comparisons, {len(slide.skipped)} skipped runs")
     print(f"report: {len(result['summary'])} setting × head rows, {len(result['paired'])} paired comparisons, "
-          f"{len(result['skipped'])} skipped runs, x axis {result['x_key']} -> {args.out}")
+          f"{len(result['skipped'])} skipped runs, x axis {result['x_key']}{slide_text} -> {args.out}")
 
 
 def _run_pyramid(args) -> None:
@@ -337,5 +434,6 @@ def _run_tracking_server(args) -> None:
 
 COMMANDS = {"demo": _run_demo, "tile": _run_tile, "tile-batch": _run_tile_batch, "info": _run_info, "qc": _run_qc, "mlflow-setup": _run_mlflow_setup,
             "tracking-server": _run_tracking_server,
-            "train": _run_train, "heatmap": _run_heatmap, "pyramid": _run_pyramid, "page": _run_page,
+            "train": _run_train, "heatmap": _run_heatmap, "embed": _run_embed, "train-slides": _run_train_slides,
+            "heatmap-slides": _run_heatmap_slides, "pyramid": _run_pyramid, "page": _run_page,
             "index": _run_index, "view": _run_view, "qupath": _run_qupath, "report": _run_report, "bench": _run_bench}

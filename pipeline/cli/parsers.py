@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gapless {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_tile, _add_tile_batch, _add_info, _add_qc, _add_mlflow_setup, _add_tracking_server, _add_train, _add_heatmap, _add_pyramid,
+    for add in (_add_demo, _add_tile, _add_tile_batch, _add_info, _add_qc, _add_mlflow_setup, _add_tracking_server, _add_train, _add_heatmap, _add_embed, _add_train_slides, _add_heatmap_slides, _add_pyramid,
                 _add_page, _add_index, _add_view, _add_qupath, _add_report, _add_bench):
         add(sub)
     return parser
@@ -151,6 +151,81 @@ def _add_heatmap(sub) -> None:
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--comparison", type=Path, default=None, help="JSON from `gapless mlflow-setup`: log scores and the PNG to each model's run")
     p.add_argument("--tracking-uri", default=None, help="without --comparison: MLflow URI of the models' runs (default: no logging)")
+
+
+def _add_embed(sub) -> None:
+    p = sub.add_parser(
+        "embed", help="each tile's feature vector (a backbone's pooled final feature map) into a zarr store beside the tile store",
+        description="Runs a backbone over every tile of a tile store and writes each tile's feature vector (its final "
+                    "feature map averaged over positions, float16) with the tile's place on the tile grid, its "
+                    "coordinates and label (schema gapless.embeddings/1). The backbone is a trained run's (--model: its "
+                    "input preparation too) or a timm model (--backbone: random init, or --weights; tiles normalised by "
+                    "the store's channel statistics, as training does).",
+        epilog="e.g. gapless embed results/tiles/slide-00.zarr --out results/embeddings/slide-00.zarr "
+               "--model results/models/slide/gap/seed0")
+    p.add_argument("store", type=Path, nargs="?", default=None,
+                   help="tile store (results/tiles/{sample}.zarr, or a batch store with --sample); or a cohort with --samples")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the embeddings store, e.g. results/embeddings/{sample}.zarr; with --samples the folder of "
+                        "OUT/{sample_id}.zarr")
+    p.add_argument("--samples", type=Path, default=None,
+                   help="instead of a store: every sample of this sheet of --kind, the encoder loaded once (a cohort)")
+    p.add_argument("--tiles", type=Path, default=None, help="with --samples: the folder of the tile stores")
+    p.add_argument("--kind", choices=["slide", "image"], default="slide", help="with --samples: which samples (default slide)")
+    p.add_argument("--model", type=Path, default=None, metavar="RUN_DIR",
+                   help="a training run folder (weights.safetensors, model.json): its backbone and input preparation")
+    p.add_argument("--backbone", default=None, metavar="NAME", help="instead of --model: a timm backbone (e.g. resnet10t)")
+    p.add_argument("--weights", type=Path, default=None, metavar="FILE",
+                   help="with --backbone: a local .safetensors/.pth state dict (default: random init)")
+    p.add_argument("--backbone-kwargs", type=json_object, default=None, metavar="JSON",
+                   help="with --backbone: more timm.create_model arguments, e.g. '{\"channels\": [32, 64, 128, 256]}'")
+    p.add_argument("--seed", type=int, default=0, help="with --backbone and no --weights: the random initialisation's seed (default 0)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="tiles per batch (default 64)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, default) | cuda | cpu")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--sample", default=None, help="in a batch store, the sample to embed (default: the store's only one)")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bar")
+
+
+def _add_train_slides(sub) -> None:
+    from pipeline.slide_level.settings import SlideTrainSettings
+
+    p = sub.add_parser("train-slides", help="train one head × seed at the slide level (tile embeddings on the tile grid) "
+                                            "from slide labels alone, tracked in MLflow",
+                       description="Each slide of the sheet is its tile embeddings (gapless embed) laid on its tile grid, "
+                                   "holes masked; a 1×1-conv encoder and the registered head score the slide. Only the "
+                                   "sheet's slide labels are read, never its annotations.")
+    p.add_argument("--samples", type=Path, required=True, help="sample sheet (CSV); its slides are the cohort")
+    p.add_argument("--embeddings", type=Path, required=True, help="folder of the embedding stores, EMBEDDINGS/{sample_id}.zarr")
+    p.add_argument("--out", type=Path, required=True, help="run folder: weights.safetensors, slide_model.json, metrics.json, "
+                                                           "predictions.json, run_id.txt, plots")
+    p.add_argument("--classes", nargs="+", default=["negative", "positive"], help="labels in output order (default negative positive)")
+    add_setting_flags(p, SlideTrainSettings)
+    p.add_argument("--comparison", type=Path, default=None, help="JSON from `gapless mlflow-setup`: log as a child of its parent run")
+    p.add_argument("--tracking-uri", default=None, help="without --comparison: MLflow URI (default sqlite:///results/mlflow.db)")
+    p.add_argument("--experiment", default="gapless", help="without --comparison: experiment name (default gapless)")
+    p.add_argument("--config", type=json_object, default=None, help="the pipeline's resolved config as JSON text, logged as config.* params")
+
+
+def _add_heatmap_slides(sub) -> None:
+    p = sub.add_parser("heatmap-slides", help="slide heatmaps of a slide-level model: its head's map over each slide's "
+                                              "tile grid, on the slide (the tile level's files and scores)")
+    p.add_argument("--model", type=Path, required=True, metavar="RUN_DIR", help="a folder `gapless train-slides` wrote")
+    p.add_argument("--samples", type=Path, required=True, help="sample sheet (CSV): its slides are mapped")
+    p.add_argument("--embeddings", type=Path, required=True, help="folder of the embedding stores, EMBEDDINGS/{sample_id}.zarr")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder of the slides' heatmap files")
+    p.add_argument("--manifest", type=Path, default=None, help="JSON listing each slide's files, probability and scores (written last)")
+    p.add_argument("--annotations", type=Path, default=None, metavar="DIR",
+                   help="folder of GeoJSONs, DIR/{sample_id}.geojson, for scoring only (default: the sheet's annotations "
+                        "column, else the ones recorded at tiling)")
+    p.add_argument("--outputs-for", type=Path, default=None, metavar="FILE",
+                   help="write files only for the sample ids in FILE (one per line); every slide is still scored")
+    add_setting_flags(p, HeatmapSettings, only=("normalisation",))
+    p.add_argument("--positive-class", action="append", default=[], metavar="NAME", help="annotation class that counts as positive (repeatable)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, default) | cuda | cpu")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--comparison", type=Path, default=None, help="JSON from `gapless mlflow-setup`: log the scores to the model's run")
+    p.add_argument("--tracking-uri", default=None, help="without --comparison: MLflow URI of the model's run (default: no logging)")
 
 
 def _add_pyramid(sub) -> None:

@@ -132,7 +132,8 @@ def generate(out: str | Path, settings: DemoSettings = DemoSettings(), progress:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(_CSV_COLUMNS)
     for s in samples:
-        writer.writerow([id_prefix + getattr(s, c) if c in ("sample_id", "group") else getattr(s, c)
+        writer.writerow([id_prefix + getattr(s, c) if c in ("sample_id", "group")
+                         else "" if c == "annotations" and not settings.sheet_annotations else getattr(s, c)
                          for c in _CSV_COLUMNS])
     sheet = out / "samples.csv"
     atomic_write_text(sheet, buf.getvalue(), newline="")

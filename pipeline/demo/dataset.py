@@ -49,12 +49,18 @@ class DemoSettings:
     witness_fraction: float = setting(0.05, help="fraction of the cells in each lesion (positive slides) or of all "
                                                  "cells (positive fields) that are witnesses")
     lesions: int = setting(2, help="lesion regions per slide (positive and negative slides alike)")
+    lesion_radius: float = setting(0.0, help="lesion radius in µm (each lesion 0.8-1.2x this; small lesions, e.g. 40, "
+                                             "cover a few % of the tissue); 0: min(110 µm, 13 % of the slide's "
+                                             "shorter side)")
     cells_per_image: int = setting(0, help="cells per field, exactly (witnesses included; an enlarged brightfield "
                                            "witness may push out a neighbour); the field's edge follows from this "
                                            "and cell_density, and image_size is not used. "
                                            "0: cell_density over an image_size field")
     witnesses: int = setting(0, help="witness cells per positive field (and per lesion of a positive slide), "
                                      "exactly; 0: witness_fraction of the cells (at least one)")
+    sheet_annotations: bool = setting(True, help="name each sample's annotations in samples.csv; false: the GeoJSONs "
+                                                 "are written but the sheet names none, a cohort with labels alone "
+                                                 "(score maps with slide_level.annotations)")
     image_modality: str = setting("fluorescence", choices=("fluorescence", "brightfield"),
                                   help="fields: fluorescence (two-channel uint16 OME-TIFF: DNA, marker) or "
                                        "brightfield (H&E-like RGB TIFF with the slides' cells and witnesses)")
@@ -115,6 +121,10 @@ def _validate(s: DemoSettings) -> None:
     if not is_num(v) or not math.isfinite(v) or not 0 < v <= 1:
         fail(f"witness_fraction must be above 0 and at most 1, got {v!r}",
              "set witness_fraction to e.g. 0.05")
+    v = s.lesion_radius
+    if not is_num(v) or not math.isfinite(v) or not (v == 0 or 10 <= v <= 2000):
+        fail(f"lesion_radius must be 0 (automatic) or between 10 and 2000 µm, got {v!r}",
+             "set lesion_radius to e.g. 40 for small lesions, or 0")
     if s.image_modality not in ("fluorescence", "brightfield"):
         fail(f"image_modality must be fluorescence or brightfield, got {s.image_modality!r}",
              "set image_modality to fluorescence or brightfield")

@@ -143,7 +143,7 @@ def _lesions(settings: DemoSettings, coarse: _Coarse, tissue_low: np.ndarray, rn
 
     H, mpp = settings.slide_height, settings.slide_mpp
     h, w, yy, xx = coarse.h, coarse.w, coarse.yy, coarse.xx
-    r_base = min(110.0, 0.13 * min(H, settings.slide_width) * mpp) / mpp
+    r_base = (settings.lesion_radius or min(110.0, 0.13 * min(H, settings.slide_width) * mpp)) / mpp
     depth = ndimage.distance_transform_edt(tissue_low) * (H / h)
     taken = np.zeros((h, w), bool)
     lesions = []

@@ -190,7 +190,7 @@ def stitch_store(model, config: Mapping, store, batch_size: int = 64, device=Non
     tissue cells: covered by tile maps and by the store's tissue mask (module docstring). ``gradcam``:
     the tiles' Grad-CAM maps are stitched too (:mod:`pipeline.heatmap.gradcam`)."""
     view = sample_view(store)
-    path, a = view.path, view.attrs
+    a = view.attrs
     width, height, extent = int(a.width), int(a.height), float(a.tile_extent)
     canvas = None
     coords, probs = [], []
@@ -204,9 +204,19 @@ def stitch_store(model, config: Mapping, store, batch_size: int = 64, device=Non
         canvas.add(batch.coords, np.concatenate([named[k] for k in names], axis=1))
         coords.append(batch.coords)
         probs.append(batch.probs)
-    coords = np.concatenate(coords)
+    return canvas_maps(canvas, names, view, np.concatenate(coords), np.concatenate(probs), batch.spread_weights)
+
+
+def canvas_maps(canvas: SlideCanvas, names: Sequence[str], view, coords: np.ndarray, probs: np.ndarray,
+                spread_weights: str) -> StitchedMaps:
+    """``StitchedMaps`` of a filled canvas whose channels are ``names`` (``raw`` and ``spread`` at least;
+    ``attention``, ``gradcam``, ``gradcam_spread`` where present): NaN outside the tissue cells, which
+    are the cells covered by tile maps and by the store's tissue mask (``view``: the sample's
+    :func:`pipeline.heatmap.maps.sample_view`). Shared by the tile-level maps and the slide level's."""
+    a = view.attrs
+    width, height = int(a.width), int(a.height)
     if not len(coords):
-        log.warning("%s: no tiles; the heatmap is empty", path)
+        log.warning("%s: no tiles; the heatmap is empty", view.path)
     valid = canvas.coverage() >= MIN_COVERAGE
     mask = view.tissue_mask()
     if mask is not None:
@@ -218,9 +228,6 @@ def stitch_store(model, config: Mapping, store, batch_size: int = 64, device=Non
         m = canvas.mean(c)
         np.copyto(m, np.nan, where=~valid)
         maps[name] = m
-    cell, side = canvas.cell, canvas.map_side
-    del canvas
-    return StitchedMaps(maps["raw"], maps["spread"], maps.get("attention"), valid, cell, coords,
-                        np.concatenate(probs), batch.spread_weights, width, height, extent, a.source_mpp, side,
+    return StitchedMaps(maps["raw"], maps["spread"], maps.get("attention"), valid, canvas.cell, coords, probs,
+                        spread_weights, width, height, float(a.tile_extent), a.source_mpp, canvas.map_side,
                         maps.get("gradcam"), maps.get("gradcam_spread"))
-

@@ -57,26 +57,46 @@ def heatmap_model(model, config: Mapping, store, out_dir: str | Path, sample_id:
     view = sample_view(store, sample_id)
     path, sample_id = view.path, sample_id or view.sample_id
     info = HeadInfo.from_dict(config.get("head_info"), name=head or config.get("head") or type(model).__name__)
-    head = info.name
     run_id = run_id if run_id is not None else config.get("run_id")
     classes = list(config.get("classes") or [])
     attrs = view.attrs
     if config.get("mpp") and attrs.mpp and not same_mpp(attrs.mpp, config["mpp"]):
         log.warning("%s: tiles at %.3g µm/px, the model was trained at %.3g µm/px", path, attrs.mpp, config["mpp"])
 
+    annotations, positive_classes = resolve_annotations(view, annotations, positive_classes)
+    maps = stitch_store(model, config, view, batch_size, device, progress, gradcam)
+    return map_outputs(maps, view, sample_id, info, classes, out_dir, normalisation, annotations, positive_classes,
+                       run_id, tracking_uri, gradcam, write)
+
+
+def resolve_annotations(view, annotations=None, positive_classes: Sequence[str] = ()):
+    """``(Annotations or None, positive classes)`` for scoring a sample's map: ``annotations`` as given (an
+    ``Annotations`` or a GeoJSON path), else the one recorded in the store at tiling time (attr
+    ``annotations``, with its ``positive_classes`` unless given) when it still exists. A bad file fails
+    here, before any inference."""
+    attrs = view.attrs
     if annotations is None and attrs.annotations:
         recorded = Path(attrs.annotations)
         if recorded.is_file():
             annotations = recorded
             positive_classes = positive_classes or tuple(attrs.positive_classes or ())
         else:
-            log.warning("%s: the annotations recorded at tiling (%s) are gone; no scores", path, recorded)
+            log.warning("%s: the annotations recorded at tiling (%s) are gone; no scores", view.path, recorded)
     if isinstance(annotations, (str, Path)):
         from pipeline.annotations import load_annotations
 
-        annotations = load_annotations(annotations)  # a bad file fails before any inference
+        annotations = load_annotations(annotations)
+    return annotations, positive_classes
 
-    maps = stitch_store(model, config, view, batch_size, device, progress, gradcam)
+
+def map_outputs(maps, view, sample_id: str, info: HeadInfo, classes: Sequence[str], out_dir: str | Path,
+                normalisation: str = "rank", annotations=None, positive_classes: Sequence[str] = (),
+                run_id: str | None = None, tracking_uri: str | None = None, gradcam: bool = False,
+                write: bool = True) -> dict:
+    """A sample's stitched maps (``StitchedMaps``) normalised, scored against ``annotations`` (an
+    ``Annotations`` or None), written into ``out_dir`` (unless ``write`` is False) and logged to MLflow
+    (with ``tracking_uri`` and ``run_id``): what :func:`heatmap_model` returns. Shared by the tile-level
+    heatmaps and the slide level's (:mod:`pipeline.slide_level.heatmap`)."""
     if not classes:
         classes = [str(i) for i in range(maps.probs.shape[1])]
     values, value_range = normalise(maps, normalisation)
@@ -98,7 +118,7 @@ def heatmap_model(model, config: Mapping, store, out_dir: str | Path, sample_id:
         log_scores(tracking_uri, run_id, {sample_id: logged}, [paths[k] for k in ("png", "gradcam_png") if k in paths])
     p = maps.probs[:, -1] if len(maps.probs) else np.zeros(0)
     return {**paths, "scores": logged, "range": list(value_range), "normalisation": normalisation,
-            "run_id": run_id, "head": head, "tiles": int(len(maps.coords)), "cell_size": maps.cell,
+            "run_id": run_id, "head": info.name, "tiles": int(len(maps.coords)), "cell_size": maps.cell,
             "canvas": [int(values.shape[0]), int(values.shape[1])],
             "p_mean": float(p.mean()) if len(p) else None, "p_max": float(p.max()) if len(p) else None}
 

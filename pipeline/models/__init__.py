@@ -4,9 +4,15 @@
     out = model(images)            # HeadOutput: logits B×K, contribution B×K×h×w, attention, …
     loss = F.nll_loss(out.logits, y) if out.scores_are_log_probs else F.cross_entropy(out.logits, y)
 
-Heads (``HEADS``): gap, max, cbam, attnpool, ltpa, saol. Add one with ``@register_head("name")`` on
-a ``Head`` subclass (in heads.py, or in a module of its own imported here, as ltpa.py); nothing else
+Heads (``HEADS``): gap, max, cbam, attnpool, gated, ltpa, saol. Add one with ``@register_head("name")``
+on a ``Head`` subclass (in heads.py, or in a module of its own imported here, as ltpa.py); nothing else
 changes.
+
+The same heads serve the slide level, where a slide's tile embeddings lie on its tile grid with holes
+where there is no tissue (``extra["mask"]``, see ``Head``):
+
+    model = create_slide_model("gated", num_classes=2, in_dim=512)   # grid encoder + head
+    out = model(grid, mask)        # grid B×512×h×w, mask B×1×h×w bool (True at tissue tiles)
 """
 
 from .backbone import create_backbone, earlier_stage_indices, load_backbone_weights
@@ -15,6 +21,7 @@ from .heads import (
     AttnPoolHead,
     CbamHead,
     GapHead,
+    GatedAttentionHead,
     Head,
     HeadOutput,
     MaxHead,
@@ -27,6 +34,7 @@ from .heads import (
 from .layers import ClassAttention, ClassAttentionBlock, GateRecordingCbam
 from .ltpa import LtpaHead
 from .model import InstanceModel, create_model
+from .slide import SlideEncoder, SlideModel, create_slide_model
 
 __all__ = [
     "HEADS",
@@ -36,15 +44,19 @@ __all__ = [
     "ClassAttentionBlock",
     "GapHead",
     "GateRecordingCbam",
+    "GatedAttentionHead",
     "Head",
     "HeadOutput",
     "InstanceModel",
     "LtpaHead",
     "MaxHead",
     "SaolHead",
+    "SlideEncoder",
+    "SlideModel",
     "create_backbone",
     "create_head",
     "create_model",
+    "create_slide_model",
     "earlier_stage_indices",
     "get_head_class",
     "head_catalog",

@@ -8,6 +8,11 @@ checks and adjusts the built backbone in ``prepare_backbone``, and reads what it
 forward pass in ``read_backbone``; a head that fuses earlier stages sets ``feature_stages`` > 1 and
 receives them in ``extra["stages"]``.
 
+Two scales, one set of heads: a tile's feature map from a backbone (``InstanceModel``), and a slide's
+tile embeddings laid on its tile grid (``pipeline.models.slide.SlideModel``), where positions without
+tissue are holes given by ``extra["mask"]`` (B×1×h×w bool, True at instances; the contract is in
+``Head``'s docstring). Heads read the mask with ``position_mask`` and never ask which scale they serve.
+
 Initialisation, for every head: the final classifier is small (σ = 0.1/√fan_in) with its bias at
 log(class prior) (uniform when no prior is given), and attention logits start at exactly zero, so a
 fresh head predicts ≈ the prior and its attention is uniform — training from scratch starts stable,
@@ -27,21 +32,26 @@ from torch import nn
 
 from ..errors import GaplessError
 from ..head_info import HeadInfo
-from .layers import ClassAttentionBlock, GateRecordingCbam
+from .layers import ClassAttentionBlock, GateRecordingCbam, fill_holes, masked_mean
 
 __all__ = [
     "HEADS",
     "AttnPoolHead",
     "CbamHead",
     "GapHead",
+    "GatedAttentionHead",
     "Head",
     "HeadOutput",
     "MaxHead",
     "SaolHead",
     "create_head",
+    "fill_holes",
     "get_head_class",
     "head_catalog",
+    "masked_mean",
+    "position_mask",
     "register_head",
+    "resize_mask",
 ]
 
 
@@ -77,7 +87,26 @@ class Head(nn.Module):
     ``extra`` keys filled by ``InstanceModel``: ``"stages"`` (list of B×C_s×h_s×w_s, shallow → deep)
     and whatever ``read_backbone`` returns (cbam: ``"spatial_gate"``, B×1×h×w). A bare head called
     on a feature map gets ``extra=None`` and must still work (fusing or gate-reading heads degrade or
-    say why).
+    say why). ``SlideModel`` fills ``"mask"`` and what ``read_backbone`` returns for its grid encoder.
+
+    The mask contract. ``extra["mask"]`` is an optional B×1×h×w bool tensor, True where a position holds
+    an instance (at the slide level: a tissue tile on the slide's tile grid), False at a hole; absent or
+    None → every position is valid. Every head honours it, read through ``position_mask(extra,
+    features)`` (shape and dtype checked; each sample needs ≥ 1 valid position, else GaplessError):
+      - what a hole holds never reaches the output: the head fills holes (``fill_holes``) before
+        anything else, so garbage, inf or NaN there changes nothing, and no gradient reaches a hole;
+      - no pooling over holes: means are over the valid positions (``masked_mean``), maxima skip holes,
+        softmaxes over positions put −inf at holes;
+      - ``attention`` is exactly 0 at holes (a distribution over positions sums to 1 over the valid
+        ones; cbam's sigmoid gate is set to 0 there), and ``contribution`` is exactly 0 at holes;
+      - each head's identity between ``contribution`` and ``logits`` holds over the valid positions
+        (gap: the mean over the VALID positions; the sums are unchanged since holes add 0).
+    So a head's output on a grid with holes equals, up to rounding, its output on a 1×n grid holding
+    only the valid positions in row-major order (no registered head mixes neighbouring positions;
+    cbam's gate comes from the backbone, whose convolutions do). A head reading earlier, finer stages
+    (``feature_stages`` > 1) applies the mask resized to each stage's grid (``resize_mask``: nearest,
+    each fine cell taking the coarse cell that ``ltpa.sum_pool_to`` adds it to). Without a mask every
+    head runs exactly the code it ran before masks existed (``fill_holes``/``masked_mean`` with None).
     """
 
     name: ClassVar[str] = ""
@@ -171,6 +200,42 @@ def create_head(name: str, in_channels: int, num_classes: int, **kwargs: Any) ->
     return get_head_class(name)(in_channels, num_classes, **kwargs)
 
 
+def position_mask(extra: dict[str, Any] | None, features: torch.Tensor) -> torch.Tensor | None:
+    """``extra["mask"]`` checked against ``features`` (B×C×h×w): a B×1×h×w bool tensor on the features'
+    device, or None when there is none (every position valid; see ``Head``'s mask contract).
+
+    ValueError for a mask of another shape or dtype (a caller's bug); GaplessError for a sample
+    without any valid position (nothing to pool: its softmaxes and means would be undefined).
+    """
+    mask = (extra or {}).get("mask")
+    if mask is None:
+        return None
+    b, _, h, w = features.shape
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (b, 1, h, w):
+        got = f"{mask.dtype} of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"extra['mask'] must be a bool tensor of shape {(b, 1, h, w)} (True at instances), got {got}")
+    mask = mask.to(features.device)
+    if not bool(mask.flatten(1).any(dim=1).all()):
+        raise GaplessError(
+            None,
+            "a sample's mask has no valid position (no instance to pool)",
+            "leave samples without instances (e.g. a slide without tissue tiles) out of the batch",
+        )
+    return mask
+
+
+def resize_mask(mask: torch.Tensor | None, size: Sequence[int]) -> torch.Tensor | None:
+    """The mask on another grid (h', w'), nearest: cell (i, j) takes cell (⌊i·h/h'⌋, ⌊j·w/w'⌋) — in
+    integers, so on a finer grid each fine cell is valid exactly when the coarse cell that
+    ``ltpa.sum_pool_to`` adds it to is. None stays None."""
+    if mask is None or tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    (h, w), (rows, cols) = mask.shape[-2:], size
+    r = torch.arange(rows, device=mask.device) * h // rows
+    c = torch.arange(cols, device=mask.device) * w // cols
+    return mask[:, :, r][:, :, :, c]
+
+
 def prior_log_bias(num_classes: int, class_prior: Sequence[float] | None) -> torch.Tensor:
     """log(prior) as a K-vector (zeros when None): a bias that makes a zero-input head predict the prior."""
     if class_prior is None:
@@ -208,10 +273,12 @@ class GapHead(Head):
     """Global average pooling + linear: the standard CNN classifier (Lin et al. 2014, "Network in Network").
 
     contribution: the class activation map with bias, W_k·f_ij + b_k, i.e. the logit each position
-    would give alone; its **mean** over the h×w positions equals ``logits`` exactly (linearity).
-    attention: None. How well it works: strong when evidence covers much of the image; when the label
-    rests on a few instances among many, their signal is diluted by 1/(hw) — a few positive cells
-    must outweigh every negative one — which is the question this pipeline measures.
+    would give alone; its **mean** over the h×w positions equals ``logits`` exactly (linearity). With a
+    mask: logits = W·(mean over the valid positions) + b, the CAM is 0 at holes, and its mean over the
+    VALID positions equals ``logits``. attention: None. How well it works: strong when evidence covers
+    much of the image; when the label rests on a few instances among many, their signal is diluted by
+    1/(hw) — a few positive cells must outweigh every negative one — which is the question this
+    pipeline measures.
     """
 
     label = "GAP"
@@ -225,8 +292,10 @@ class GapHead(Head):
         init_classifier(self.fc, class_prior)
 
     def forward(self, features: torch.Tensor, extra: dict[str, Any] | None = None) -> HeadOutput:
-        logits = self.fc(features.mean(dim=(2, 3)))
-        return HeadOutput(logits, class_activation_map(features, self.fc), None, False)
+        mask = position_mask(extra, features)
+        features = fill_holes(features, mask)
+        logits = self.fc(masked_mean(features, mask))
+        return HeadOutput(logits, fill_holes(class_activation_map(features, self.fc), mask), None, False)
 
 
 @register_head("max")
@@ -236,9 +305,10 @@ class MaxHead(Head):
     contribution: for each channel c, W_kc · max_ij f_c,ij placed at the position where channel c
     peaks (summed where several channels peak at one position); zero elsewhere. Its **sum** over
     positions plus b_k equals ``logits`` exactly; the bias is left out because it belongs to no
-    position. attention: None. How well it works: the baseline a sparse witness favours (one strong
-    cell decides), but it sees one position per channel, so one bright artefact can decide alone,
-    and gradient reaches only the peak positions.
+    position. With a mask the maximum is over the valid positions (holes read as −∞), so every peak,
+    and all of the contribution, lies on a valid position. attention: None. How well it works: the
+    baseline a sparse witness favours (one strong cell decides), but it sees one position per channel,
+    so one bright artefact can decide alone, and gradient reaches only the peak positions.
     """
 
     label = "Max (baseline)"
@@ -252,7 +322,9 @@ class MaxHead(Head):
 
     def forward(self, features: torch.Tensor, extra: dict[str, Any] | None = None) -> HeadOutput:
         b, _, h, w = features.shape
-        peak, where = features.flatten(2).max(dim=2)  # B×C values and flat positions of each channel's peak
+        mask = position_mask(extra, features)
+        # B×C values and flat positions of each channel's peak (over the valid positions)
+        peak, where = fill_holes(features, mask, float("-inf")).flatten(2).max(dim=2)
         logits = self.fc(peak)
         per_channel = peak.unsqueeze(1) * self.fc.weight  # B×K×C
         k = per_channel.shape[1]
@@ -269,7 +341,9 @@ class CbamHead(GapHead):
     family: resnet*, resnext*, wide_resnet*, …; anything else → GaplessError). contribution: the CAM,
     exactly as ``gap`` (mean over positions = logits). attention: the last block's CBAM spatial gate,
     B×1×h×w, a sigmoid per position in (0, 1) — not a distribution, it does not sum to 1. It is None
-    when the head is called without its backbone (no ``extra["spatial_gate"]``). How well it works:
+    when the head is called without its backbone (no ``extra["spatial_gate"]``); with a mask it is 0 at
+    holes (at the slide level the gate comes from the mask-aware CBAM block that ``SlideModel``'s grid
+    encoder appends when it is asked for ``attn_layer``). How well it works:
     the paper reports about 2 points lower ImageNet top-1 error for ResNet-50; timm's own note says
     results are mixed and can hurt fine-grained tasks. The gate re-weights features inside the
     network but the classifier still averages, so sparse evidence is helped only as far as the
@@ -310,7 +384,8 @@ class CbamHead(GapHead):
 
     def forward(self, features: torch.Tensor, extra: dict[str, Any] | None = None) -> HeadOutput:
         out = super().forward(features, extra)
-        out.attention = (extra or {}).get("spatial_gate")
+        gate = (extra or {}).get("spatial_gate")
+        out.attention = None if gate is None else fill_holes(gate, position_mask(extra, features))
         return out
 
 
@@ -347,7 +422,9 @@ class AttnPoolHead(Head):
     Weight decay plays no part (lr·wd·steps ≤ 0.4 % shrink over the run). On a larger budget or
     pretrained features the former defaults may well train; ``dim=None, init_values=1e-4`` restores them.
 
-    attention: the class token's weights over positions, B×1×h×w, sum 1 (mean over heads).
+    attention: the class token's weights over positions, B×1×h×w, sum 1 (mean over heads); with a mask
+    the keys at holes are masked (−∞ before the softmax), so the weights are 0 there and sum to 1 over
+    the valid positions, and the contribution is 0 at holes.
     contribution: attention_ij × ℓ_k,ij, where ℓ_ij are per-position logits: the logits the head
     would output had all attention been on position ij (same projection, block, norm and classifier;
     the projection acts on each position alone, so ℓ_ij depends on position ij only). It is zero
@@ -397,13 +474,90 @@ class AttnPoolHead(Head):
 
     def forward(self, features: torch.Tensor, extra: dict[str, Any] | None = None) -> HeadOutput:
         b, c, h, w = features.shape
-        tokens = self.in_proj(features.flatten(2).transpose(1, 2))  # B×N×width, N = h·w in row-major order
+        mask = position_mask(extra, features)
+        # B×N×width, N = h·w in row-major order
+        tokens = self.in_proj(fill_holes(features, mask).flatten(2).transpose(1, 2))
         cls_token = self.cls_token.expand(b, -1, -1).to(tokens.dtype)
-        pooled, weights = self.block(cls_token, tokens)
+        pooled, weights = self.block(cls_token, tokens, None if mask is None else mask.flatten(1))
         logits = self.fc(self.norm(pooled)).squeeze(1)  # B×K
         per_position = self.fc(self.norm(self.block.per_position(cls_token, tokens)))  # B×N×K
         attention = weights.mean(dim=1)  # B×N, mean over heads
         contribution = (attention.unsqueeze(2) * per_position).transpose(1, 2).reshape(b, -1, h, w)
+        return HeadOutput(logits, contribution, attention.view(b, 1, h, w), False)
+
+
+@register_head("gated")
+class GatedAttentionHead(Head):
+    """Gated attention MIL pooling (Ilse, Tomczak & Welling, ICML 2018, "Attention-based Deep Multiple
+    Instance Learning"; ABMIL), the multiple-instance field's reference aggregator.
+
+    Each position's feature h_i (C channels) is an instance. Attention a_i = softmax_i(wᵀ(tanh(V h_i) ⊙
+    σ(U h_i))) over the positions, with V, U: C → L (``hidden``, default 128 as in the paper's code) and
+    w: L → 1; z = Σ_i a_i h_i; logits = W z + b (raw logits: train with cross-entropy). The sigmoid gate
+    lets the score escape tanh's near-linearity for small inputs, the paper's reason for the gated form.
+    As in the paper's code, V, U and w have biases (w's bias cancels in the softmax). The softmax and
+    the pooling are computed in float32 (under autocast too).
+
+    attention: a, B×1×h×w, sums to 1 (over the valid positions with a mask, exactly 0 at holes).
+    contribution: a_i · W h_i, B×K×h×w; its **sum** over positions plus b equals ``logits`` exactly
+    (linearity: Σ_i a_i W h_i = W z); the bias is left out because it belongs to no position. It is 0
+    where the attention is 0 (at holes). Works on a tile's feature map and on a slide's tile grid alike.
+
+    Init: w = 0 (weight and bias), so every score is exactly zero and the attention uniform — the head
+    starts as mean pooling + linear; V and U keep PyTorch's default init; the classifier small with a
+    log-prior bias (``init_classifier``), so p ≈ prior. How well it works: the paper reports that
+    attention and gated attention beat the max- and mean-pooling MIL operators (at instance and at
+    embedding level) on MNIST-bags — most clearly with few training bags — and on the breast cancer
+    (UCSB) and colon cancer histology bags, are on par with the best methods on the classical MIL
+    benchmarks (Musk, Fox, Tiger, Elephant), and that the attention weights point at the key instances
+    (e.g. the epithelial nuclei in the colon cancer images); gated and plain attention were close. Like
+    any softmax over positions it can lock onto one artefact. Cost: 2·(C·L + L) + L + 1 + C·K + K
+    parameters (0.13 M at C = 512, L = 128) and ≈ 2·C·L + L multiply-adds per position for the
+    attention, K·C more for the contribution.
+    """
+
+    label = "Gated attention (ABMIL)"
+    description = "gated attention MIL pooling (Ilse et al. 2018): a learned softmax over positions, linear on the weighted mean"
+    order = 37
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        hidden: int = 128,
+        class_prior: Sequence[float] | None = None,
+    ):
+        super().__init__(in_channels, num_classes)
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+            raise GaplessError(None, f"gated head: hidden is {hidden!r}",
+                               "pass a positive width L for the attention network (the paper uses 128)")
+        self.hidden = hidden
+        self.attention_v = nn.Linear(in_channels, hidden)  # tanh branch, V
+        self.attention_u = nn.Linear(in_channels, hidden)  # sigmoid gate, U
+        self.attention_w = nn.Linear(hidden, 1)  # w
+        nn.init.zeros_(self.attention_w.weight)  # zero scores: uniform attention at init
+        nn.init.zeros_(self.attention_w.bias)
+        self.fc = nn.Linear(in_channels, num_classes)
+        init_classifier(self.fc, class_prior)
+
+    def forward(self, features: torch.Tensor, extra: dict[str, Any] | None = None) -> HeadOutput:
+        b, _, h, w = features.shape
+        mask = position_mask(extra, features)
+        instances = fill_holes(features, mask).flatten(2).transpose(1, 2)  # B×N×C, row-major positions
+        gated = torch.tanh(self.attention_v(instances)) * torch.sigmoid(self.attention_u(instances))
+        scores = self.attention_w(gated).squeeze(2)  # B×N
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            dtype = torch.promote_types(features.dtype, torch.float32)  # float32 under bf16, float64 stays
+            scores = scores.to(dtype)
+            if mask is not None:
+                scores = scores.masked_fill(~mask.flatten(1), float("-inf"))
+            attention = scores.softmax(dim=1)  # B×N, sums to 1 (over the valid positions)
+            instances = instances.to(dtype)
+            weight, bias = self.fc.weight.to(dtype), self.fc.bias.to(dtype)
+            logits = F.linear(torch.einsum("bn,bnc->bc", attention, instances), weight, bias)  # W z + b
+            per_position = F.linear(instances, weight)  # W h_i: B×N×K
+            contribution = (attention.unsqueeze(2) * per_position).transpose(1, 2).reshape(b, -1, h, w)
         return HeadOutput(logits, contribution, attention.view(b, 1, h, w), False)
 
 
@@ -423,6 +577,9 @@ class SaolHead(Head):
     and the extra losses are left to the trainer.
 
     attention: A. contribution: A_ij·Y_k,ij, which sums over positions to p_k = exp(logits) exactly.
+    With a mask A's logits are −∞ at holes (A = 0 there, Σ over the valid positions = 1), so the
+    contribution is 0 at holes and the identity holds as it is; fused earlier stages are filled with 0
+    at the holes of the resized mask (``resize_mask``) before they are pooled onto the grid.
     Init: the A conv is zero (uniform attention), the Y conv small with log-prior bias, so p ≈ prior.
     How well it works: the paper reports modest top-1 gains over GAP-FC on CIFAR and ImageNet (larger
     with its extra losses) and better weakly supervised localisation; the product A·Y lets a few
@@ -457,18 +614,23 @@ class SaolHead(Head):
         self.spatial_logits = nn.Conv2d(in_channels + sum(fused), num_classes, kernel_size=1)
         init_classifier(self.spatial_logits, class_prior)
 
-    def _spatial_input(self, features: torch.Tensor, extra: dict[str, Any] | None) -> torch.Tensor:
+    def _spatial_input(
+        self, features: torch.Tensor, extra: dict[str, Any] | None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.feature_stages == 1:
             return features
         stages = self.earlier_stages(extra, "fuse_stages=1")
+        stages = [fill_holes(s, resize_mask(mask, s.shape[-2:])) for s in stages]
         size = features.shape[-2:]
         pooled = [F.adaptive_avg_pool2d(s, size).to(features.dtype) for s in stages]
         return torch.cat([*pooled, features], dim=1)
 
     def forward(self, features: torch.Tensor, extra: dict[str, Any] | None = None) -> HeadOutput:
         b, _, h, w = features.shape
-        attention_logits = self.attention_logits(features)
-        class_logits = self.spatial_logits(self._spatial_input(features, extra))
+        mask = position_mask(extra, features)
+        features = fill_holes(features, mask)
+        attention_logits = fill_holes(self.attention_logits(features), mask, float("-inf"))
+        class_logits = self.spatial_logits(self._spatial_input(features, extra, mask))
         with torch.autocast(device_type=features.device.type, enabled=False):
             log_a = F.log_softmax(attention_logits.float().flatten(2), dim=2)  # B×1×N, over positions
             log_y = F.log_softmax(class_logits.float().flatten(2), dim=1)  # B×K×N, over classes

@@ -19,7 +19,16 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from ..errors import GaplessError
-from .heads import Head, HeadOutput, init_classifier, register_head
+from .heads import (
+    Head,
+    HeadOutput,
+    fill_holes,
+    init_classifier,
+    masked_mean,
+    position_mask,
+    register_head,
+    resize_mask,
+)
 
 __all__ = ["COMPATIBILITIES", "LtpaHead", "sum_pool_to"]
 
@@ -81,6 +90,13 @@ class LtpaHead(Head):
     added onto the h×w cell their cell falls in (``sum_pool_to``: each cell to exactly one). Its
     **sum** over positions plus b equals ``logits`` exactly (linearity; Σ_i a_i^s W_s l̂_i^s =
     W_s g_a^s); the bias is left out because it belongs to no position.
+
+    With a mask (``extra["mask"]``, see ``Head``): holes are filled with 0, the query is the mean over
+    the VALID positions, g = masked mean_i l̂_i^final, and the compatibility is −∞ at holes before each
+    softmax, so a^s is 0 at holes and sums to 1 over the valid positions. An earlier, finer stage takes
+    the mask nearest-resized to its grid (``resize_mask``): each fine cell is valid exactly when the
+    coarse cell ``sum_pool_to`` adds it to is, so the contribution stays 0 at holes and the identity
+    holds as it is.
 
     Init: u_s = 0 (γ_s = 0 for dot), so every c_i^s is exactly zero and the attention uniform — the
     head starts as GAP + linear on the concatenated stage means; the classifier small with a
@@ -168,15 +184,25 @@ class LtpaHead(Head):
         gamma = self.gamma[s].to(local.dtype)
         return gamma * torch.einsum("bd,bdn->bn", g, local) / math.sqrt(self.dim)
 
+    @staticmethod
+    def _masked(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Scores B×N_s with −∞ at the holes of the stage's mask (B×1×h_s×w_s), unchanged without one."""
+        return scores if mask is None else scores.masked_fill(~mask.flatten(1), float("-inf"))
+
     def forward(self, features: torch.Tensor, extra: dict[str, Any] | None = None) -> HeadOutput:
         b, _, h, w = features.shape
-        projected = [p(m) for p, m in zip(self.project, self._stage_maps(features, extra))]
+        mask = position_mask(extra, features)
+        maps = self._stage_maps(features, extra)
+        masks = [resize_mask(mask, m.shape[-2:]) for m in maps]  # per stage; None without a mask
+        projected = [p(fill_holes(m, k)) for p, m, k in zip(self.project, maps, masks)]
         with torch.autocast(device_type=features.device.type, enabled=False):
             dtype = torch.promote_types(features.dtype, torch.float32)  # float32 under bf16, float64 stays
             grids = [tuple(m.shape[-2:]) for m in projected]
             local = [m.to(dtype).flatten(2) for m in projected]  # B×D×N_s
-            g = local[-1].mean(dim=2)  # B×D, the query: the global average of the final map
-            attention = [F.softmax(self._scores(s, m, g), dim=1) for s, m in enumerate(local)]  # B×N_s
+            # B×D, the query: the global average of the final map (over its valid positions)
+            g = local[-1].mean(dim=2) if mask is None else masked_mean(projected[-1].to(dtype), mask)
+            attention = [F.softmax(self._masked(self._scores(s, m, g), k), dim=1)
+                         for s, (m, k) in enumerate(zip(local, masks))]  # B×N_s
             attended = [torch.einsum("bn,bdn->bd", a, m) for a, m in zip(attention, local)]  # g_a^s
             weight, bias = self.fc.weight.to(dtype), self.fc.bias.to(dtype)
             logits = F.linear(torch.cat(attended, dim=1), weight, bias)

@@ -1,6 +1,7 @@
 """What the report measures and how its tables name things: the setting keys and the x axis of the
-metric plot (``sweep_settings``, ``choose_x``), the metrics with their labels, the columns of
-``summary.tsv`` and ``paired.tsv``, the verdicts, and settings as names and text."""
+metric plot (``sweep_settings``, ``choose_x``), the metrics with their labels (the tile level's, and the
+slide level's: ``SLIDE_*``), the columns of ``summary.tsv`` and ``paired.tsv`` (and of the slide level's
+``slide_summary.tsv`` and ``slide_paired.tsv``), the verdicts, and settings as names and text."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ WITNESS_KEY = config_key("demo", "witness_fraction")  # the x axis of the metric
 X_AUTO = "auto"  # choose the x axis from the settings' values (``choose_x``)
 CONFIDENCE = 0.95
 NA = "n/a"
+ALL = "all"  # the one setting when there are no setting keys
 
 # (column stem, label) of the metrics summarised with mean and interval, in table order
 INTERVAL_METRICS = (
@@ -50,6 +52,27 @@ FINAL_METRICS = tuple(m for m, _ in INTERVAL_METRICS if m not in LOCALISATION_KE
 LABELS = dict(INTERVAL_METRICS + COST_METRICS)
 VERDICTS = ("better", "worse", "no evidence of a difference", "n too small")
 
+# The slide level (runs tagged ``gapless.level = slide``: a head over each slide's tile embeddings, trained
+# from slide labels alone): one prediction per slide, so ``test_auroc`` is the slide AUROC there
+SLIDE_INTERVAL_METRICS = (
+    ("test_auroc", "slide AUROC"),
+    ("test_balanced_accuracy", "balanced accuracy"),
+    ("localisation_auroc", "localisation AUROC"),
+    ("pointing_game_top1", "pointing game top-1"),
+    ("pointing_game_top5", "pointing game top-5"),
+)
+SLIDE_COST_METRICS = (("test_slides", "test slides"), ("parameters", "parameters"))
+SLIDE_PAIRED_METRICS = ("test_auroc", "test_balanced_accuracy", "localisation_auroc")
+# the slide level's final metrics the report reads (``slide_runs.tsv`` shows them all)
+SLIDE_FINAL_METRICS = ("test_auroc", "test_balanced_accuracy", "test_accuracy", "test_f1", "test_ece", "test_slides",
+                       "best_epoch", "parameters")
+SLIDE_LOCALISATION_KEYS = ("localisation_auroc", "pointing_game_top1", "pointing_game_top5")
+SLIDE_LABELS = dict(SLIDE_INTERVAL_METRICS + SLIDE_COST_METRICS)
+# published slide AUROCs on Camelyon16, for reference only (other data, encoder and protocol than these runs):
+# the TransMIL paper's Table 1 (Shao et al., NeurIPS 2021), as the project's issue quotes it
+PUBLISHED_SLIDE_AUROCS = (("mean pooling", 0.47), ("max pooling", 0.86), ("attention MIL (ABMIL)", 0.87))
+PUBLISHED_SOURCE = "Camelyon16, TransMIL paper (Shao et al., NeurIPS 2021), Table 1"
+
 PAIRED_COLUMNS_TAIL = ["setting", "head", "baseline", "metric", "n_pairs", "seeds", "head_mean", "baseline_mean",
                        "mean_diff", "sd_diff", "ci_low", "ci_high", "verdict"]
 
@@ -59,17 +82,19 @@ def short_name(key: str) -> str:
     return key.rsplit(".", 1)[-1]
 
 
-def summary_columns(setting_keys: Sequence[str] = DEFAULT_SETTING_KEYS) -> list[str]:
-    """The columns of ``summary.tsv``, in order.
+def summary_columns(setting_keys: Sequence[str] = DEFAULT_SETTING_KEYS,
+                    metrics: Sequence[tuple[str, str]] = INTERVAL_METRICS,
+                    costs: Sequence[tuple[str, str]] = COST_METRICS) -> list[str]:
+    """The columns of ``summary.tsv`` (``metrics``, ``costs``: the slide level's for ``slide_summary.tsv``), in order.
 
     The settings' short names, ``setting``, ``head``, ``n_seeds``, ``seeds``; per interval metric m:
     ``m_n`` (seeds with the metric), ``m_mean``, ``m_sd``, ``m_ci_low``, ``m_ci_high`` (NaN when
     n < 2); per cost metric c: ``c_mean``.
     """
     cols = [short_name(k) for k in setting_keys] + ["setting", "head", "n_seeds", "seeds"]
-    for m, _ in INTERVAL_METRICS:
+    for m, _ in metrics:
         cols += [f"{m}_n", f"{m}_mean", f"{m}_sd", f"{m}_ci_low", f"{m}_ci_high"]
-    cols += [f"{c}_mean" for c, _ in COST_METRICS]
+    cols += [f"{c}_mean" for c, _ in costs]
     return cols
 
 
@@ -79,13 +104,15 @@ def paired_columns(setting_keys: Sequence[str] = DEFAULT_SETTING_KEYS) -> list[s
 
 
 def setting_label(setting: Sequence[str], setting_keys: Sequence[str] = DEFAULT_SETTING_KEYS) -> str:
-    """``kind-slide_witness_fraction-0.05_cell_density-40.0``: a setting as one name MLflow accepts."""
-    return mlflow_safe("_".join(f"{short_name(k)}-{v}" for k, v in zip(setting_keys, setting)), slash=False)
+    """``kind-slide_witness_fraction-0.05_cell_density-40.0``: a setting as one name MLflow accepts
+    (``all`` when there are no setting keys)."""
+    return mlflow_safe("_".join(f"{short_name(k)}-{v}" for k, v in zip(setting_keys, setting)), slash=False) or ALL
 
 
 def setting_text(setting: Sequence[str], setting_keys: Sequence[str] = DEFAULT_SETTING_KEYS) -> str:
-    """``kind slide, witness_fraction 0.05, cell_density 40.0``: a setting for people."""
-    return ", ".join(f"{short_name(k)} {v}" for k, v in zip(setting_keys, setting))
+    """``kind slide, witness_fraction 0.05, cell_density 40.0``: a setting for people (``all runs``
+    when there are no setting keys)."""
+    return ", ".join(f"{short_name(k)} {v}" for k, v in zip(setting_keys, setting)) or f"{ALL} runs"
 
 
 def value_sort_key(value) -> tuple:

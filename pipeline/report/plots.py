@@ -1,6 +1,7 @@
 """The report's figures: each interval metric against the swept setting on the x axis (a line per head,
-a row of panels per combination of the other settings that vary), and one slide's heatmaps side by
-side (a panel per head). Heads appear in the order they are given."""
+a row of panels per combination of the other settings that vary; the slide level's metrics the same
+way in ``slide_level.png``), and one slide's heatmaps side by side (a panel per head). Heads appear in
+the order they are given."""
 
 from __future__ import annotations
 
@@ -139,22 +140,37 @@ class MetricLayout:
         return [", ".join(f"{k} {v}" for k, v in zip(self.others, key)) for key, _ in self.groups]
 
 
-def metric_layout(summary, setting_keys: Sequence[str] = DEFAULT_SETTING_KEYS, x_key: str = WITNESS_KEY) -> MetricLayout:
+def metric_layout(summary, setting_keys: Sequence[str] = DEFAULT_SETTING_KEYS, x_key: str | None = WITNESS_KEY,
+                  metrics: Sequence[tuple[str, str]] = INTERVAL_METRICS) -> MetricLayout:
     """The metric plot's layout for ``summary``: ``x_key`` on x (no axis when it is no setting key: each
     head a dot), a row of panels per combination of the other settings that take several values (those
-    with one value, e.g. the only kind, are constant across the plot), a panel per interval metric that
-    some row has (every metric when none has any: the Grad-CAM scores of older runs are left out)."""
+    with one value, e.g. the only kind, are constant across the plot), a panel per interval metric of
+    ``metrics`` (the slide level's: ``SLIDE_INTERVAL_METRICS``) that some row has (every metric when none
+    has any: the Grad-CAM scores of older runs are left out)."""
     axis = _XAxis.of(summary, short_name(x_key) if x_key in setting_keys else None)
     others = [short_name(k) for k in setting_keys
               if k != x_key and summary[short_name(k)].astype(str).nunique() > 1]
     groups = summary.groupby(others, sort=False, dropna=False) if others else [((), summary)]
     groups = [(g if isinstance(g, tuple) else (g,), part) for g, part in groups]
-    metrics = [(m, label) for m, label in INTERVAL_METRICS if (summary[f"{m}_n"] > 0).any()] or list(INTERVAL_METRICS)
-    return MetricLayout(axis, others, groups, metrics)
+    shown = [(m, label) for m, label in metrics if (summary[f"{m}_n"] > 0).any()] or list(metrics)
+    return MetricLayout(axis, others, groups, shown)
+
+
+def _no_data(path: Path, text: str) -> Path:
+    """A small figure that says there is nothing to plot (the workflow's outputs exist all the same)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.0, 1.2))
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
+    ax.set_axis_off()
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
 
 
 def plot_metrics(summary, path: Path, setting_keys: Sequence[str] = DEFAULT_SETTING_KEYS,
-                 x_key: str = WITNESS_KEY, heads: Sequence[str] | None = None) -> Path:
+                 x_key: str | None = WITNESS_KEY, heads: Sequence[str] | None = None,
+                 metrics: Sequence[tuple[str, str]] = INTERVAL_METRICS, title: str | None = None) -> Path:
     """Each interval metric against ``x_key`` (the swept setting): mean ± 95 % interval, a line per head.
 
     ``metric_layout``: a panel per metric (three to a row), a row of panels per combination of the
@@ -162,10 +178,13 @@ def plot_metrics(summary, path: Path, setting_keys: Sequence[str] = DEFAULT_SETT
     positive and span 10× or more (cells per image 16 … 1024), categorical when they are not numbers. A
     head with one seed at a point shows the mean without a bar (its interval is undefined). With one x
     value each head is a dot (with its bar), side by side. ``heads``: the legend's order (default: as
-    the summary lists them).
+    the summary lists them). ``metrics``: the panels (the slide level's: ``SLIDE_INTERVAL_METRICS``);
+    ``title``: above the legend. An empty summary (no runs at this level) gives a figure that says so.
     """
+    if not len(summary):
+        return _no_data(path, "no runs to plot")
     plt = _pyplot()
-    layout = metric_layout(summary, setting_keys, x_key)
+    layout = metric_layout(summary, setting_keys, x_key, metrics)
     axis, metrics = layout.axis, layout.metrics
     heads = list(heads) if heads is not None else list(dict.fromkeys(summary["head"]))
     colours = {h: plt.get_cmap("tab10")(i % 10) for i, h in enumerate(heads)}
@@ -174,12 +193,12 @@ def plot_metrics(summary, path: Path, setting_keys: Sequence[str] = DEFAULT_SETT
     n_groups = len(layout.groups)
     fig, axes = plt.subplots(n_groups * per_group, cols, figsize=(3.6 * cols, 2.8 * n_groups * per_group + 0.7),
                              squeeze=False, layout="constrained")
-    for g, ((_, part), title) in enumerate(zip(layout.groups, layout.titles)):
+    for g, ((_, part), row_title) in enumerate(zip(layout.groups, layout.titles)):
         for j, (m, label) in enumerate(metrics):
             ax = axes[g * per_group + j // cols, j % cols]
             if not _draw_metric(ax, part, m, heads, colours, axis):
                 ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="0.5")
-            ax.set_title(f"{label}" + (f"\n{title}" if title else ""), fontsize=9)
+            ax.set_title(f"{label}" + (f"\n{row_title}" if row_title else ""), fontsize=9)
             axis.format(ax)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
@@ -187,8 +206,9 @@ def plot_metrics(summary, path: Path, setting_keys: Sequence[str] = DEFAULT_SETT
             axes[g * per_group + j // cols, j % cols].set_axis_off()
     handles = [plt.Line2D([], [], color=colours[h], marker="o", label=h) for h in heads]
     handles.append(plt.Line2D([], [], color="0.3", marker="o", mfc="white", ls="none", label="one seed: no interval"))
+    legend_title = "mean ± 95 % t-interval over seeds"
     fig.legend(handles=handles, loc="outside upper center", ncol=len(handles), fontsize=8, frameon=False,
-               title="mean ± 95 % t-interval over seeds", title_fontsize=8)
+               title=f"{title}: {legend_title}" if title else legend_title, title_fontsize=8)
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)

@@ -1,6 +1,6 @@
 """The comparison's runs, read from MLflow: one dict per child run of the comparison (parent) run, with
-its head (and the head's ``HeadInfo`` from the run's tags), seed, setting, final test metrics and
-localisation scores, counted or skipped with the reason.
+its level (tile or slide, ``at_level``), head (and the head's ``HeadInfo`` from the run's tags), seed,
+setting, final test metrics and localisation scores, counted or skipped with the reason.
 
 Every MLflow name read here (tags, params, metrics, the search filter) comes from
 :mod:`pipeline.mlflow_names`.
@@ -22,10 +22,13 @@ from pipeline.report.columns import (
     FINAL_METRICS,
     LOCALISATION_KEYS,
     NA,
+    SLIDE_FINAL_METRICS,
     WITNESS_CELLS,
     short_name,
     value_sort_key,
 )
+
+ENCODER_KEYS = ("encoder", "backbone", "weights")  # what a slide-level run records of its embeddings' encoder
 from pipeline.tracking import PARAM_LIMIT, sqlite_path
 
 
@@ -114,14 +117,16 @@ def _run_row(r, setting_keys: Sequence[str]) -> dict:
         "run_name": r.info.run_name or tags.get(names.TAG_RUN_NAME, ""),
         "status": r.info.status,
         "parent_run_id": tags.get(names.TAG_PARENT),
+        "level": names.run_level(tags),
         "head": head or NA,
         "head_info": names.head_from_tags(tags, head) if head else None,
         "head_tagged": names.head_tagged(tags),
         "seed": seed or NA,
         "setting": setting,
         **{short_name(k): v for k, v in zip(setting_keys, setting)},
-        **{m: metrics.get(m) for m in FINAL_METRICS},
+        **{m: metrics.get(m) for m in dict.fromkeys(FINAL_METRICS + SLIDE_FINAL_METRICS)},
         **localisation_scores(metrics, test_samples),
+        "encoder": {k: params[names.encoder_param(k)] for k in ENCODER_KEYS if names.encoder_param(k) in params},
         "localisation_on": "test split" if test_samples is not None else "all samples",
         "start_time": r.info.start_time or 0,
         "skip_reason": None,
@@ -134,12 +139,13 @@ def _run_row(r, setting_keys: Sequence[str]) -> dict:
 
 
 def _mark_superseded(runs: list[dict]) -> int:
-    """Of repeated finished runs of one setting × head × seed, the latest counts; the others get a
-    skip reason. Returns the number of runs that count."""
+    """Of repeated finished runs of one level × setting × head × seed, the latest counts; the others get
+    a skip reason (a tile-level and a slide-level run of one head and seed are two runs, not a repeat).
+    Returns the number of runs that count."""
     latest: dict[tuple, dict] = {}
     for row in runs:
         if row["skip_reason"] is None:
-            key = (row["setting"], row["head"], row["seed"])
+            key = (row.get("level", names.LEVEL_TILE), row["setting"], row["head"], row["seed"])
             if key in latest:
                 older, newer = sorted((latest[key], row), key=lambda x: x["start_time"])
                 older["skip_reason"] = f"superseded by the later run {newer['run_id']}"
@@ -154,16 +160,20 @@ def collect_runs(tracking_uri: str, parent_run_id: str, setting_keys: Sequence[s
     """Every child run of the comparison run ``parent_run_id``, one dict each, counted or skipped.
 
     A child run that is not ``FINISHED`` (failed, killed, still running) is skipped with its status; of
-    several finished runs of the same setting × head × seed (a job run again under the same parent) the
-    latest counts and the others are skipped, superseded. ``experiment_id``: the parent's experiment
-    when known (saves looking it up). Each dict: ``run_id``, ``run_name``, ``status``,
-    ``parent_run_id``, ``head``, ``head_info`` (the ``HeadInfo`` its tags record; defaults for a run
+    several finished runs of the same level × setting × head × seed (a job run again under the same
+    parent) the latest counts and the others are skipped, superseded. ``experiment_id``: the parent's
+    experiment when known (saves looking it up). Each dict: ``run_id``, ``run_name``, ``status``,
+    ``parent_run_id``, ``level`` (``mlflow_names.run_level``: its ``gapless.level`` tag, ``tile``
+    without one; the report's tile-level tables take ``at_level(runs, "tile")`` only), ``head``,
+    ``head_info`` (the ``HeadInfo`` its tags record; defaults for a run
     logged before head tags existed), ``head_tagged``, ``seed``, ``setting`` (tuple of values of
     ``setting_keys``; "n/a" when missing, and for the demo's keys when config ``samples`` names a
     sample sheet), the settings by short name, the final metrics (FINAL_METRICS, None when absent),
-    the localisation means (``localisation_scores``, on the run's test split when it logged one),
-    ``start_time`` and ``skip_reason`` (None for a run that counts). Sorted by setting, head order,
-    seed. Raises GaplessError when the store has no such runs, or when none of them finished.
+    the slide level's (SLIDE_FINAL_METRICS; None where a run lacks one), the localisation means
+    (``localisation_scores``, on the run's test split when it logged one), ``encoder`` (a slide-level
+    run's ``encoder_{encoder,backbone,weights}`` params that it has), ``start_time`` and
+    ``skip_reason`` (None for a run that counts). Sorted by level (tile first), setting, head order, seed. Raises
+    GaplessError when the store has no such runs, or when none of them (at any level) finished.
     """
     from mlflow.exceptions import MlflowException
 
@@ -188,8 +198,8 @@ def collect_runs(tracking_uri: str, parent_run_id: str, setting_keys: Sequence[s
         raise GaplessError(tracking_uri, f"none of the {len(runs)} runs under {where} finished ({listed})",
                            "see the training logs (results/logs/train) and rerun the failed jobs")
     infos = head_infos(runs)
-    runs.sort(key=lambda x: (x["setting"], _info(infos, x["head"]).sort_key(), value_sort_key(x["seed"]),
-                             x["start_time"]))
+    runs.sort(key=lambda x: (x["level"] != names.LEVEL_TILE, x["level"], x["setting"], _info(infos, x["head"]).sort_key(),
+                             value_sort_key(x["seed"]), x["start_time"]))
     return runs
 
 
@@ -200,6 +210,12 @@ def collect_runs(tracking_uri: str, parent_run_id: str, setting_keys: Sequence[s
 def counted(runs: Iterable[dict]) -> list[dict]:
     """The runs that count (no skip reason)."""
     return [r for r in runs if r["skip_reason"] is None]
+
+
+def at_level(runs: Iterable[dict], level: str | None = names.LEVEL_TILE) -> list[dict]:
+    """The runs at ``level`` (``tile`` or ``slide``; a dict without ``level`` is a tile-level run), in
+    order, counted or skipped; ``level`` None: every run."""
+    return [r for r in runs if level is None or r.get("level", names.LEVEL_TILE) == level]
 
 
 def head_infos(runs: Sequence[dict]) -> dict[str, HeadInfo]:

@@ -17,6 +17,7 @@ from pipeline.errors import SampleSheetError
 from pipeline.samples import SAMPLE_ID_PATTERN, Sample, check_sources, load_sample_sheet
 from pipeline.settings import HeatmapSettings, settings_json
 from pipeline.tiling import TileSettings
+from pipeline.slide_level.settings import SlideTrainSettings
 from pipeline.train_settings import TrainSettings
 
 
@@ -27,6 +28,8 @@ MODELS = f"{RESULTS}/models"
 HEATMAPS = f"{RESULTS}/heatmaps"
 REPORT = f"{RESULTS}/report"
 COMPARISON = f"{RESULTS}/mlflow/comparison.json"
+EMBEDDINGS = f"{RESULTS}/embeddings"
+SLIDE_MODELS = f"{RESULTS}/slide_models"
 DEMO_MODE = not config["samples"]
 
 
@@ -86,7 +89,8 @@ def demo_samples():
                 label=s.label,
                 group=prefix + s.group,
                 kind=s.kind,
-                annotations=None if s.annotations is None else out / s.annotations,
+                annotations=None if s.annotations is None or not settings.get("sheet_annotations", True)
+                else out / s.annotations,
             )
             samples[sample.sample_id] = (name, sample)
     return samples
@@ -100,6 +104,11 @@ def sheet_samples():
         return check_sources(samples, config["samples"], cache=".snakemake/gapless/source-checks.json")
     except SampleSheetError as error:
         raise WorkflowError(str(error)) from None
+
+
+def slide_seeds():
+    """The slide level's seeds: slide_level.seeds, or train.seeds."""
+    return config["slide_level"]["seeds"] or config["train"]["seeds"]
 
 
 def config_problems():
@@ -116,6 +125,22 @@ def config_problems():
     if unknown:
         problems.append(f"train.heads: unknown head{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
                         f"the registered heads are {', '.join(known)}")
+    slide_level = config["slide_level"]
+    if slide_level["enabled"]:
+        unknown = [head for head in slide_level["heads"] if head not in known]
+        if unknown:
+            problems.append(f"slide_level.heads: unknown head{'s' if len(unknown) > 1 else ''} "
+                            f"{', '.join(map(repr, unknown))}; the registered heads are {', '.join(known)}")
+        encoder = slide_level["encoder"]
+        if not encoder.startswith("timm:"):
+            if encoder not in config["train"]["heads"] or "slide" not in config["train"]["kinds"]:
+                problems.append(f"slide_level.encoder {encoder!r} is a tile-level model of the slides, so it must be one of "
+                                f"train.heads {config['train']['heads']} with slide in train.kinds; or name a timm backbone "
+                                "as timm:NAME (e.g. timm:resnet50, with slide_level.weights for its weights)")
+            extra = [seed for seed in slide_seeds() if seed not in config["train"]["seeds"]]
+            if extra:
+                problems.append(f"slide_level.seeds {extra} are not in train.seeds {config['train']['seeds']}: each "
+                                "slide-level seed is embedded by the tile-level model of the same seed")
     names = [entry["name"] for entry in config["sweep"]]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
@@ -138,8 +163,8 @@ SAMPLE_DATASET = {sample_id: name for sample_id, (name, _) in _DATASET_SAMPLES.i
 
 def final_outputs():
     """What `snakemake` with no target makes."""
-    outputs = [f"{TILES}/qc.tsv", *trained_models()]
-    if mapped_samples():
+    outputs = [f"{TILES}/qc.tsv", *trained_models(), *slide_models(), *slide_manifests()]
+    if mapped_samples() or slide_models():
         outputs += [f"{REPORT}/report.md", f"{HEATMAPS}/index.html"]  # the index lists every mapped sample
         outputs += [f"{HEATMAPS}/qupath/{sample_id}.geojson" for sample_id in paged_samples()]
     return outputs
@@ -449,7 +474,10 @@ def paged_samples():
 
 def page_manifests(wildcards):
     cohort = cohort_of(wildcards.sample)
-    return [heatmap_manifest(cohort, head, viewer_seed()) for head in config["train"]["heads"]]
+    manifests = [heatmap_manifest(cohort, head, viewer_seed()) for head in config["train"]["heads"]]
+    if cohort in slide_cohorts():
+        manifests += [slide_manifest(cohort, head, viewer_seed()) for head in config["slide_level"]["heads"]]
+    return manifests
 
 
 def sample_heatmaps(wildcards):
@@ -462,6 +490,9 @@ def page_options(wildcards):
     options = []
     for head in config["train"]["heads"]:
         options += ["--heatmap", f"{HEATMAPS}/{head}/seed{viewer_seed()}/{wildcards.sample}.json"]
+    if cohort_of(wildcards.sample) in slide_cohorts():
+        for head in config["slide_level"]["heads"]:
+            options += ["--heatmap", f"{HEATMAPS}/slide_level/{head}/seed{viewer_seed()}/{wildcards.sample}.json"]
     if sample.annotations is not None:
         options += ["--annotations", str(sample.annotations)]
     options += ["--info", f"label={sample.label}", "--info", f"kind={sample.kind}"]
@@ -513,6 +544,84 @@ def index_options(wildcards, input):
         options += ["--manifest", manifest]
     for sheet in input.sheets:
         options += ["--samples", sheet]
+    return shlex.join(options)
+
+
+# slide level (slide_level.smk) -------------------------------------------------------------------------------
+
+
+@functools.cache
+def slide_cohorts():
+    """The cohorts trained at the slide level (slide_level.enabled): every dataset's slides."""
+    if not config["slide_level"]["enabled"]:
+        return []
+    present = {cohort_of(sample_id) for sample_id, sample in SAMPLES.items() if sample.kind == "slide"}
+    return [cohort_name(name, "slide") for name in DATASETS if cohort_name(name, "slide") in present]
+
+
+def slide_models():
+    """Every slide-level run's metrics file: slide cohort × slide_level.heads × seed."""
+    return [f"{SLIDE_MODELS}/{cohort}/{head}/seed{seed}/metrics.json"
+            for cohort in slide_cohorts() for head in config["slide_level"]["heads"] for seed in slide_seeds()]
+
+
+def slide_manifest(cohort, head, seed):
+    return f"{HEATMAPS}/manifests/slide_level/{head}/seed{seed}/{cohort}.json"
+
+
+def slide_manifests():
+    return [slide_manifest(c, h, s) for c in slide_cohorts() for h in config["slide_level"]["heads"] for s in slide_seeds()]
+
+
+def encoder_tag(seed):
+    """The embeddings' encoder for a slide-level seed: `{head}-seed{seed}` (that seed's tile-level model) or
+    `timm-{name}` (slide_level.encoder: timm:NAME)."""
+    encoder = config["slide_level"]["encoder"]
+    return f"timm-{encoder[5:]}" if encoder.startswith("timm:") else f"{encoder}-seed{seed}"
+
+
+def encoder_weights(wildcards):
+    """What the embed job's encoder is read from: the tile-level model's weights, or slide_level.weights."""
+    if wildcards.encoder.startswith("timm-"):
+        weights = config["slide_level"]["weights"]
+        return [weights] if weights else []
+    head, _, seed = wildcards.encoder.rpartition("-seed")
+    return [f"{MODELS}/{wildcards.cohort}/{head}/seed{seed}/weights.safetensors"]
+
+
+def embed_options(wildcards, input):
+    """`gapless embed` flags: --model RUN (a tile-level model) or --backbone NAME [--weights FILE]."""
+    if wildcards.encoder.startswith("timm-"):
+        options = ["--backbone", wildcards.encoder[len("timm-"):]]
+        if input.weights:
+            options += ["--weights", input.weights[0]]
+        return shlex.join(options)
+    return shlex.join(["--model", os.path.dirname(input.weights[0])])
+
+
+def embeddings_folder(wildcards):
+    """The embedding stores of a slide cohort's slides (one embed job's folder), by the encoder of the job's seed."""
+    return f"{EMBEDDINGS}/{wildcards.cohort}/{encoder_tag(wildcards.seed)}"
+
+
+def slide_train_settings(wildcards):
+    """slide_level.train as `gapless train-slides --settings` JSON, with train.split and the head's own
+    options from slide_level.train.head_kwargs."""
+    train = config["slide_level"]["train"]
+    return settings_json(SlideTrainSettings, {**train, "split": config["train"]["split"],
+                                              "head_kwargs": train["head_kwargs"].get(wildcards.head, {})})
+
+
+def slide_heatmap_folder(wildcards, output):
+    return f"{HEATMAPS}/slide_level/{wildcards.head}/seed{wildcards.seed}"
+
+
+def slide_heatmap_options(wildcards):
+    options = ["--normalisation", config["heatmaps"]["normalisation"]]
+    if config["slide_level"]["annotations"]:
+        options += ["--annotations", config["slide_level"]["annotations"]]
+    for name in config["tiling"]["positive_classes"]:
+        options += ["--positive-class", name]
     return shlex.join(options)
 
 

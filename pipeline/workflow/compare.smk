@@ -9,6 +9,8 @@ rule compare:
         comparison=ancient(COMPARISON),
         metrics=trained_models(),
         heatmaps=heatmap_manifests(),  # every seed's scores are in MLflow before the report reads it
+        slide_metrics=slide_models(),  # the slide level (slide_level.enabled), its own block
+        slide_heatmaps=slide_manifests(),
     output:
         summary=report(f"{REPORT}/summary.tsv", caption="report/summary.rst", category="Comparison"),
         paired=report(f"{REPORT}/paired.tsv", caption="report/paired.rst", category="Comparison"),

@@ -367,10 +367,27 @@ def test_a_sweep_plans_one_dataset_and_cohort_per_entry(tmp_path: Path) -> None:
 
 
 def test_the_benchmark_presets_are_valid_configs(tmp_path: Path) -> None:
-    for name in ("benchmark.yaml", "benchmark_gpu.yaml", "gpu.yaml", "instances.yaml", "instances_gpu.yaml"):
+    for name in ("benchmark.yaml", "benchmark_gpu.yaml", "gpu.yaml", "instances.yaml", "instances_gpu.yaml",
+                 "slides.yaml"):
         result = snakemake(tmp_path, "--configfile", str(DEFAULT_CONFIG), str(REPO / "config" / name), "-n", "--cores", "2")
         assert result.returncode == 0, name + output(result)
         assert job_counts(result.stdout)["train"] > 0
+    counts = job_counts(result.stdout)  # slides.yaml: one embed job per seed (the encoder loaded once), 7 heads × 3 seeds
+    assert (counts["embed"], counts["train_slides"], counts["heatmap_slides"]) == (3, 21, 21), counts
+
+
+def test_the_slide_level_refuses_an_encoder_it_cannot_build(tmp_path: Path) -> None:
+    """slide_level.encoder must be a tile-level model the run trains (a head of train.heads, slides in train.kinds)
+    or timm:NAME; a slide-level head must be registered: one clear message before any job."""
+    bad = write_config(tmp_path / "bad.yaml", {"slide_level": {"enabled": True, "encoder": "ltpa", "heads": ["gap", "nope"]}})
+    result = snakemake(tmp_path, "--configfile", str(DEFAULT_CONFIG), str(bad), "-n", "--cores", "2")
+    assert result.returncode != 0
+    text = output(result)
+    assert "slide_level.encoder 'ltpa'" in text and "timm:NAME" in text and "slide_level.heads: unknown head 'nope'" in text
+    timm = write_config(tmp_path / "timm.yaml", {"slide_level": {"enabled": True, "encoder": "timm:resnet10t"}})
+    result = snakemake(tmp_path, "--configfile", str(DEFAULT_CONFIG), str(timm), "-n", "-p", "--cores", "2")
+    assert result.returncode == 0, output(result)
+    assert "--backbone resnet10t" in result.stdout and job_counts(result.stdout)["embed"] == 1
 
 
 def test_device_cpu_takes_no_gpu_unit_so_jobs_share_the_cores(tmp_path: Path) -> None:

@@ -73,6 +73,8 @@ rule slide_pyramid:
 
 
 rule sample_page:
+    wildcard_constraints:
+        sample=rf"(?!index\.(?:html|json)$){SAMPLE_ID_PATTERN}",  # index.html is the index's (no sample is called index)
     input:
         pyramid=f"{HEATMAPS}/slides/{{sample}}",
         heatmaps=page_manifests,

@@ -311,7 +311,7 @@ def _run_train_slides(args) -> None:
 
 def _run_heatmap_slides(args) -> None:
     from pipeline.samples import load_sample_sheet, with_kinds
-    from pipeline.slide_level.heatmap import slide_heatmap_cohort
+    from pipeline.slide_level.heatmap import scoring_annotations, slide_heatmap_cohort
     from pipeline.slide_level.train import embedding_stores
 
     if args.threads:
@@ -326,10 +326,7 @@ def _run_heatmap_slides(args) -> None:
     stores = embedding_stores(slides, args.embeddings, args.samples)
     annotations = {s.sample_id: s.annotations for s in slides if s.annotations is not None}
     if args.annotations is not None:
-        if not args.annotations.is_dir():
-            raise GaplessError(args.annotations, "no such folder of annotations", "pass the folder of {sample_id}.geojson files")
-        annotations.update({s.sample_id: args.annotations / f"{s.sample_id}.geojson" for s in slides
-                            if (args.annotations / f"{s.sample_id}.geojson").is_file()})
+        annotations.update(scoring_annotations(args.annotations, [s.sample_id for s in slides]))
     outputs = _outputs_for(args.outputs_for, stores, "list slide ids of the --samples sheet")
     t0 = time.perf_counter()
     doc = slide_heatmap_cohort(args.model, stores, args.out, args.manifest, settings.normalisation, annotations,

@@ -215,9 +215,9 @@ def _add_heatmap_slides(sub) -> None:
     p.add_argument("--embeddings", type=Path, required=True, help="folder of the embedding stores, EMBEDDINGS/{sample_id}.zarr")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder of the slides' heatmap files")
     p.add_argument("--manifest", type=Path, default=None, help="JSON listing each slide's files, probability and scores (written last)")
-    p.add_argument("--annotations", type=Path, default=None, metavar="DIR",
-                   help="folder of GeoJSONs, DIR/{sample_id}.geojson, for scoring only (default: the sheet's annotations "
-                        "column, else the ones recorded at tiling)")
+    p.add_argument("--annotations", type=Path, default=None, metavar="DIR|CSV",
+                   help="outlines for scoring only: a folder of {sample_id}.geojson, or a CSV with sample_id and "
+                        "annotations columns (default: the sheet's annotations column, else the ones recorded at tiling)")
     p.add_argument("--outputs-for", type=Path, default=None, metavar="FILE",
                    help="write files only for the sample ids in FILE (one per line); every slide is still scored")
     add_setting_flags(p, HeatmapSettings, only=("normalisation",))

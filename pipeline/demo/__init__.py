@@ -24,7 +24,9 @@ Layout written by :func:`generate` into ``out``::
     slides/slide-00.tiff          pyramidal tiled JPEG TIFF, OpenSlide 'generic-tiff'
     images/field-00.ome.tif       2-channel (DNA, Marker) uint16 OME-TIFF, zlib
     annotations/<sample_id>.geojson  witness-cell outlines, QuPath-style FeatureCollection
-    samples.csv                   sample_id,path,label,group,kind,annotations (written last)
+    samples.csv                   sample_id,path,label,group,kind,annotations (written last; with
+                                  sheet_annotations false the annotations column is empty and
+                                  annotations.csv lists sample_id,annotations apart, for scoring only)
 """
 
 
@@ -111,6 +113,9 @@ def _generate_one(out: Path, settings: DemoSettings, sample: DemoSample) -> None
     atomic_write_text(out / sample.annotations, _geojson(cells, sample.sample_id, settings.seed, w, h), newline="")
 
 
+SCORING_ANNOTATIONS = "annotations.csv"  # with sheet_annotations false: sample_id, annotations (scoring only)
+
+
 def generate(out: str | Path, settings: DemoSettings = DemoSettings(), progress: bool = True,
              id_prefix: str = "") -> Path:
     """Render everything into `out`, return the path of `out/samples.csv`.
@@ -135,6 +140,13 @@ def generate(out: str | Path, settings: DemoSettings = DemoSettings(), progress:
         writer.writerow([id_prefix + getattr(s, c) if c in ("sample_id", "group")
                          else "" if c == "annotations" and not settings.sheet_annotations else getattr(s, c)
                          for c in _CSV_COLUMNS])
+    if not settings.sheet_annotations:  # the outlines listed apart, for scoring only (slide_level.annotations)
+        listed = io.StringIO()
+        lister = csv.writer(listed, lineterminator="\n")
+        lister.writerow(("sample_id", "annotations"))
+        for s in samples:
+            lister.writerow((id_prefix + s.sample_id, s.annotations))
+        atomic_write_text(out / SCORING_ANNOTATIONS, listed.getvalue(), newline="")
     sheet = out / "samples.csv"
     atomic_write_text(sheet, buf.getvalue(), newline="")
     return sheet

@@ -29,6 +29,39 @@ from pipeline.errors import GaplessError
 log = logging.getLogger("gapless.slide_level")
 
 
+def scoring_annotations(path: str | Path, sample_ids) -> dict[str, Path]:
+    """sample id → GeoJSON for scoring only, from ``path``: a folder of ``{sample_id}.geojson``, or a CSV with
+    columns ``sample_id`` and ``annotations`` (paths relative to the CSV; e.g. the demo's ``annotations.csv``).
+    Samples without one are left out (their maps are not scored); a listed file that is missing is an error."""
+    import csv
+
+    path = Path(path)
+    ids = set(sample_ids)
+    if path.is_dir():
+        return {i: path / f"{i}.geojson" for i in ids if (path / f"{i}.geojson").is_file()}
+    if not path.is_file():
+        raise GaplessError(path, "no such folder or CSV of annotations",
+                           "pass a folder of {sample_id}.geojson files or a CSV with sample_id and annotations columns")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise GaplessError(path, f"cannot read the annotations CSV ({exc})", "pass a UTF-8 CSV") from None
+    if rows and not {"sample_id", "annotations"} <= set(rows[0]):
+        raise GaplessError(path, f"has columns {sorted(rows[0])}, not sample_id and annotations",
+                           "name the columns sample_id and annotations")
+    found = {}
+    for row in rows:
+        sample_id, value = (row.get("sample_id") or "").strip(), (row.get("annotations") or "").strip()
+        if sample_id in ids and value:
+            file = (path.parent / value).resolve()
+            if not file.is_file():
+                raise GaplessError(path, f"lists {value} for {sample_id}, which does not exist",
+                                   "fix the path (relative to the CSV) or leave the cell empty")
+            found[sample_id] = file
+    return found
+
+
 def slide_maps(model, bag, view, device=None):
     """``(StitchedMaps, p_positive)`` of one slide (``bag``: its ``SlideBag``; ``view``: its tile store's
     sample view, for the geometry, tissue mask and thumbnail)."""

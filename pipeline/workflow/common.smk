@@ -131,7 +131,11 @@ def config_problems():
         if unknown:
             problems.append(f"slide_level.heads: unknown head{'s' if len(unknown) > 1 else ''} "
                             f"{', '.join(map(repr, unknown))}; the registered heads are {', '.join(known)}")
-        encoder = slide_level["encoder"]
+        encoder, encoder_dataset = slide_level["encoder"], slide_level["encoder_dataset"]
+        for name in [encoder_dataset] * bool(encoder_dataset) + list(slide_level["datasets"]):
+            if name not in DATASETS:
+                problems.append(f"slide_level names the dataset {name!r}, which is not a sweep entry "
+                                f"({', '.join(map(repr, DATASETS)) or 'no sweep'}): name one of the sweep's datasets")
         if not encoder.startswith("timm:"):
             if encoder not in config["train"]["heads"] or "slide" not in config["train"]["kinds"]:
                 problems.append(f"slide_level.encoder {encoder!r} is a tile-level model of the slides, so it must be one of "
@@ -552,11 +556,13 @@ def index_options(wildcards, input):
 
 @functools.cache
 def slide_cohorts():
-    """The cohorts trained at the slide level (slide_level.enabled): every dataset's slides."""
+    """The cohorts trained at the slide level (slide_level.enabled): the slides of every dataset, or of the
+    sweep datasets slide_level.datasets names."""
     if not config["slide_level"]["enabled"]:
         return []
     present = {cohort_of(sample_id) for sample_id, sample in SAMPLES.items() if sample.kind == "slide"}
-    return [cohort_name(name, "slide") for name in DATASETS if cohort_name(name, "slide") in present]
+    wanted = config["slide_level"]["datasets"] or list(DATASETS)
+    return [cohort_name(name, "slide") for name in wanted if cohort_name(name, "slide") in present]
 
 
 def slide_models():
@@ -574,10 +580,13 @@ def slide_manifests():
 
 
 def encoder_tag(seed):
-    """The embeddings' encoder for a slide-level seed: `{head}-seed{seed}` (that seed's tile-level model) or
+    """The embeddings' encoder for a slide-level seed: `{head}-seed{seed}` (that seed's tile-level model of the
+    cohort itself), `{dataset}.{head}-seed{seed}` (of the sweep dataset slide_level.encoder_dataset), or
     `timm-{name}` (slide_level.encoder: timm:NAME)."""
-    encoder = config["slide_level"]["encoder"]
-    return f"timm-{encoder[5:]}" if encoder.startswith("timm:") else f"{encoder}-seed{seed}"
+    encoder, dataset = config["slide_level"]["encoder"], config["slide_level"]["encoder_dataset"]
+    if encoder.startswith("timm:"):
+        return f"timm-{encoder[5:]}"
+    return f"{dataset}.{encoder}-seed{seed}" if dataset else f"{encoder}-seed{seed}"
 
 
 def encoder_weights(wildcards):
@@ -585,8 +594,10 @@ def encoder_weights(wildcards):
     if wildcards.encoder.startswith("timm-"):
         weights = config["slide_level"]["weights"]
         return [weights] if weights else []
-    head, _, seed = wildcards.encoder.rpartition("-seed")
-    return [f"{MODELS}/{wildcards.cohort}/{head}/seed{seed}/weights.safetensors"]
+    model, _, seed = wildcards.encoder.rpartition("-seed")
+    dataset, _, head = model.rpartition(".")
+    cohort = cohort_name(dataset, "slide") if dataset else wildcards.cohort
+    return [f"{MODELS}/{cohort}/{head}/seed{seed}/weights.safetensors"]
 
 
 def embed_options(wildcards, input):
@@ -616,10 +627,24 @@ def slide_heatmap_folder(wildcards, output):
     return f"{HEATMAPS}/slide_level/{wildcards.head}/seed{wildcards.seed}"
 
 
+def scoring_annotations(cohort):
+    """Outlines that score a slide cohort's maps and nothing else: slide_level.annotations, or a demo dataset's
+    annotations.csv when its sheet names none (demo.sheet_annotations: false); None: the sheet's own."""
+    if config["slide_level"]["annotations"]:
+        return config["slide_level"]["annotations"]
+    dataset = split_cohort(cohort)[0]
+    if DEMO_MODE and not DATASETS[dataset].get("sheet_annotations", True):
+        from pipeline.demo import SCORING_ANNOTATIONS
+
+        return f"{dataset_folder(dataset)}/{SCORING_ANNOTATIONS}"
+    return None
+
+
 def slide_heatmap_options(wildcards):
     options = ["--normalisation", config["heatmaps"]["normalisation"]]
-    if config["slide_level"]["annotations"]:
-        options += ["--annotations", config["slide_level"]["annotations"]]
+    annotations = scoring_annotations(wildcards.cohort)
+    if annotations:
+        options += ["--annotations", annotations]
     for name in config["tiling"]["positive_classes"]:
         options += ["--positive-class", name]
     return shlex.join(options)

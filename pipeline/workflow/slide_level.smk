@@ -5,8 +5,9 @@
 #                   results/embeddings/{cohort}/{encoder}/{sample}.zarr, where the
 #                   encoder is a tile-level model of the same cohort (slide_level.encoder: a head of train.heads;
 #                   the encoder tag `{head}-seed{seed}`, one per slide-level seed, so that seed's split is the
-#                   encoder's split: no test slide was seen when training the encoder) or a timm backbone
-#                   (slide_level.encoder: timm:NAME, random init or slide_level.weights; tag `timm-NAME`)
+#                   encoder's split: no test slide was seen when training the encoder), of another sweep dataset
+#                   (slide_level.encoder_dataset, e.g. an annotated cohort: tag `{dataset}.{head}-seed{seed}`), or a
+#                   timm backbone (slide_level.encoder: timm:NAME, random init or slide_level.weights; tag `timm-NAME`)
 #   train_slides:   one job per slide cohort × head × seed: results/slide_models/{cohort}/{head}/seed{seed}/,
 #                   an MLflow child run of the comparison tagged gapless.level = slide
 #   heatmap_slides: one job per slide-level model: its maps over the cohort's slides
@@ -17,7 +18,7 @@
 
 
 wildcard_constraints:
-    encoder=r"[a-z0-9_]+-seed\d+|timm-[A-Za-z0-9_.]+",
+    encoder=r"(?:[A-Za-z0-9]+\.)?[a-z0-9_]+-seed\d+|timm-[A-Za-z0-9_.]+",
 
 
 rule embed:

@@ -175,3 +175,36 @@ def test_train_and_map_slides_end_to_end(demo_cohort):
     assert np.isfinite(attention).any() and np.nanmin(attention) >= 0
     mlrun = client.get_run((run / "run_id.txt").read_text().strip())
     assert any(k.startswith(f"heatmap/{positives[0]}/") for k in mlrun.data.metrics)
+
+
+def test_outlines_for_scoring_come_from_a_folder_or_a_csv(tmp_path):
+    from pipeline.errors import GaplessError
+    from pipeline.slide_level.heatmap import scoring_annotations
+
+    folder = tmp_path / "ann"
+    folder.mkdir()
+    (folder / "s1.geojson").write_text("{}")
+    assert scoring_annotations(folder, ["s1", "s2"]) == {"s1": folder / "s1.geojson"}
+    sheet = tmp_path / "annotations.csv"
+    sheet.write_text("sample_id,annotations\ns1,ann/s1.geojson\ns2,\nother,ann/s1.geojson\n")
+    assert scoring_annotations(sheet, ["s1", "s2"]) == {"s1": (folder / "s1.geojson").resolve()}
+    sheet.write_text("sample_id,annotations\ns2,ann/missing.geojson\n")
+    with pytest.raises(GaplessError, match="does not exist"):
+        scoring_annotations(sheet, ["s2"])
+    sheet.write_text("id,outline\ns1,x\n")
+    with pytest.raises(GaplessError, match="not sample_id and annotations"):
+        scoring_annotations(sheet, ["s1"])
+    with pytest.raises(GaplessError, match="no such folder or CSV"):
+        scoring_annotations(tmp_path / "nowhere", ["s1"])
+
+
+def test_the_demo_lists_outlines_apart_when_its_sheet_names_none(tmp_path):
+    from pipeline.demo import DemoSettings, generate
+
+    sheet = generate(tmp_path, DemoSettings(slides=2, images=0, slide_width=512, slide_height=384,
+                                            sheet_annotations=False), progress=False, id_prefix="mil-")
+    rows = list(csv.DictReader(open(sheet)))
+    assert [r["annotations"] for r in rows] == ["", ""]
+    listed = list(csv.DictReader(open(tmp_path / "annotations.csv")))
+    assert [r["sample_id"] for r in listed] == ["mil-slide-00", "mil-slide-01"]
+    assert all((tmp_path / r["annotations"]).is_file() for r in listed)

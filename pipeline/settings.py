@@ -91,7 +91,7 @@ def add_setting_flags(parser: argparse.ArgumentParser, cls, only: tuple[str, ...
             continue
         meta = f.metadata
         flag = meta.get("flag") or "--" + config_key(f).replace("_", "-")
-        help_text = meta["help"]
+        help_text = meta["help"].replace("%", "%%")  # argparse formats help with %: a "13 %" would break --help
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         if default is not None and default != {} and default != ():
             help_text += f" (default {_shown(default)})"

@@ -155,3 +155,14 @@ def test_a_new_field_is_a_flag_and_read_from_the_config_section():
                                                                 "--label-smoothing", "0.2"]))
     assert from_flag.label_smoothing == 0.2
     assert "--label-smoothing" in parser.format_help() and "cross-entropy label smoothing" in parser.format_help()
+
+
+def test_every_command_prints_its_help(capsys):
+    """argparse formats help text with %: a setting's help that says "13 %" must not break `--help`."""
+    from pipeline.cli.commands import COMMANDS
+
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args([command, "--help"])
+        assert exit_.value.code == 0, command
+        assert "usage: gapless " + command in capsys.readouterr().out

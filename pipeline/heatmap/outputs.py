@@ -262,7 +262,7 @@ def write_heatmap(out_dir: str | Path, sample_id: str, head: str | HeadInfo, map
         label = NORMALISATION_LABELS[normalisation]
         if normalisation == "attention":
             label += f", w = {SPREAD_WEIGHTS[maps.spread_weights]}"
-        caption = [f"{sample_id} · {head} head · normalisation: {normalisation}", label, _score_text(scores)]
+        caption = [f"{sample_id} · {info.shown} · normalisation: {normalisation}", label, _score_text(scores)]
         staged.file(paths["png"], lambda tmp: _figure(tmp, thumbnail, values, maps.cell, maps.width, maps.height,
                                                       value_range, colormap, caption,
                                                       f"{normalisation} ({value_range[0]:.3g} to {value_range[1]:.3g})"))
@@ -271,7 +271,7 @@ def write_heatmap(out_dir: str | Path, sample_id: str, head: str | HeadInfo, map
             g_rgba = overlay_image(g_values, maps.cell, maps.width, maps.height, g_range, colormap)
             staged.file(paths["gradcam_overlay"], lambda tmp: Image.fromarray(g_rgba, "RGBA").save(tmp, format="png"))
             del g_rgba
-            g_caption = [f"{sample_id} · {head} head · {GRADCAM_LABEL} · normalisation: {normalisation}",
+            g_caption = [f"{sample_id} · {info.shown} · {GRADCAM_LABEL} · normalisation: {normalisation}",
                          GRADCAM_NORMALISATION_LABELS[normalisation], _score_text(g_scores)]
             staged.file(paths["gradcam_png"],
                         lambda tmp: _figure(tmp, thumbnail, g_values, maps.cell, maps.width, maps.height, g_range,

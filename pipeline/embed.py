@@ -104,21 +104,7 @@ def embed_store(store, out: str | Path, *, model_dir: str | Path | None = None, 
     from pipeline.files import atomic_directory
 
     t0 = time.perf_counter()
-    if (model_dir is None) == (backbone is None):
-        raise GaplessError(None, "give either a trained run folder (--model) or a timm backbone name (--backbone)",
-                           "exactly one of them, not both, not neither")
-    if weights is not None and model_dir is not None:
-        raise GaplessError(weights, "a weights file goes with a timm backbone (--backbone), not with a trained run "
-                                    "(--model), whose weights are its own", "leave --weights out, or use --backbone")
-    if backbone_kwargs and model_dir is not None:
-        raise GaplessError(model_dir, "backbone arguments go with a timm backbone (--backbone), not with a trained run "
-                                      "(--model), whose model.json holds its own", "leave --backbone-kwargs out")
-    if weights is not None and not Path(weights).is_file():
-        from pipeline.models.backbone import WEIGHTS_FIX
-
-        raise GaplessError(weights, "weights file not found", WEIGHTS_FIX.replace("NAME", repr(backbone)))
-    if int(batch_size) < 1:
-        raise GaplessError(None, f"batch size {batch_size} is not a positive number", "pass --batch-size 1 or more")
+    _check_arguments(model_dir, backbone, weights, backbone_kwargs, batch_size)
     view = _open(store, sample_id)
     out = _check_out(out, view.path)
     n, channels = int(view.n), int(view.tiles.shape[3])
@@ -130,33 +116,8 @@ def embed_store(store, out: str | Path, *, model_dir: str | Path | None = None, 
     grid, grid_shape = tile_grid(view, coords)  # tiles off the recorded grid: refused before any work
     device = resolve_device(device)
 
-    if model_dir is not None:
-        from pipeline.run_folder import WEIGHTS, read_model_config
-
-        if not Path(model_dir).is_dir():
-            raise GaplessError(model_dir, "no such training run folder",
-                               "pass the folder `gapless train` wrote (it holds model.json and weights.safetensors)")
-        config = read_model_config(model_dir).as_mapping()  # its channels checked before the weights are read
-        _check_channels(view, channels, int(config["in_chans"]), f"the model of {model_dir}")
-        net, config = _trained_encoder(str(Path(model_dir).resolve()), _stamp(Path(model_dir) / WEIGHTS), device)
-        mean, std = config["mean"], config["std"]
-        modality, image_size = config.get("modality") or view.attrs.modality, config.get("image_size")
-        weights_file = Path(model_dir) / WEIGHTS
-        described = {"encoder": "model", "backbone": config["backbone"],
-                     "backbone_kwargs": dict(config.get("backbone_kwargs") or {}), "head": config["head"],
-                     "model_dir": str(Path(model_dir).resolve()), "weights": "gapless-run"}
-    else:
-
-        net = _timm_encoder(backbone, None if weights is None else str(Path(weights).resolve()),
-                            json.dumps(backbone_kwargs or {}, sort_keys=True), int(seed), channels, device,
-                            None if weights is None else _stamp(Path(weights)))
-        mean, std = store_normalisation(view)
-        modality, image_size = view.attrs.modality, None
-        weights_file = None if weights is None else Path(weights)
-        described = {"encoder": "timm", "backbone": backbone, "backbone_kwargs": dict(backbone_kwargs or {}),
-                     "head": None, "model_dir": None,
-                     "weights": "random-init" if weights is None else str(Path(weights).resolve()),
-                     **({"seed": int(seed)} if weights is None else {})}
+    net, mean, std, modality, image_size, weights_file, described = _encoder(
+        view, channels, model_dir, backbone, weights, backbone_kwargs, seed, device)
     transform = build_transform(modality, False, mean, std, image_size=image_size)
     t_embed = time.perf_counter()
     features = _embed(net, transform, view, int(batch_size), device, autocast_for(device), progress)
@@ -179,6 +140,57 @@ def embed_store(store, out: str | Path, *, model_dir: str | Path | None = None, 
         write_embeddings(partial, features, coords, grid, labels, attrs)
     return {"out": out, "n_tiles": n, "dim": attrs["dim"], "seconds": seconds,
             "tiles_per_second": n / embed_seconds if embed_seconds > 0 else float("nan"), "attrs": attrs}
+
+
+def _check_arguments(model_dir, backbone, weights, backbone_kwargs, batch_size) -> None:
+    """The encoder's arguments agree: one of a run folder and a timm name, weights and kwargs with the latter."""
+    if (model_dir is None) == (backbone is None):
+        raise GaplessError(None, "give either a trained run folder (--model) or a timm backbone name (--backbone)",
+                           "exactly one of them, not both, not neither")
+    if weights is not None and model_dir is not None:
+        raise GaplessError(weights, "a weights file goes with a timm backbone (--backbone), not with a trained run "
+                                    "(--model), whose weights are its own", "leave --weights out, or use --backbone")
+    if backbone_kwargs and model_dir is not None:
+        raise GaplessError(model_dir, "backbone arguments go with a timm backbone (--backbone), not with a trained run "
+                                      "(--model), whose model.json holds its own", "leave --backbone-kwargs out")
+    if weights is not None and not Path(weights).is_file():
+        from pipeline.models.backbone import WEIGHTS_FIX
+
+        raise GaplessError(weights, "weights file not found", WEIGHTS_FIX.replace("NAME", repr(backbone)))
+    if int(batch_size) < 1:
+        raise GaplessError(None, f"batch size {batch_size} is not a positive number", "pass --batch-size 1 or more")
+
+
+def _encoder(view, channels: int, model_dir, backbone, weights, backbone_kwargs, seed: int, device):
+    """``(net, mean, std, modality, image_size, weights file or None, attrs describing the encoder)``: a trained
+    run's backbone and input preparation, or a timm backbone with the store's normalisation."""
+    if model_dir is not None:
+        from pipeline.run_folder import WEIGHTS, read_model_config
+
+        if not Path(model_dir).is_dir():
+            raise GaplessError(model_dir, "no such training run folder",
+                               "pass the folder `gapless train` wrote (it holds model.json and weights.safetensors)")
+        config = read_model_config(model_dir).as_mapping()  # its channels checked before the weights are read
+        _check_channels(view, channels, int(config["in_chans"]), f"the model of {model_dir}")
+        net, config = _trained_encoder(str(Path(model_dir).resolve()), _stamp(Path(model_dir) / WEIGHTS), device)
+        mean, std = config["mean"], config["std"]
+        modality, image_size = config.get("modality") or view.attrs.modality, config.get("image_size")
+        weights_file = Path(model_dir) / WEIGHTS
+        described = {"encoder": "model", "backbone": config["backbone"],
+                     "backbone_kwargs": dict(config.get("backbone_kwargs") or {}), "head": config["head"],
+                     "model_dir": str(Path(model_dir).resolve()), "weights": "gapless-run"}
+    else:
+        net = _timm_encoder(backbone, None if weights is None else str(Path(weights).resolve()),
+                            json.dumps(backbone_kwargs or {}, sort_keys=True), int(seed), channels, device,
+                            None if weights is None else _stamp(Path(weights)))
+        mean, std = store_normalisation(view)
+        modality, image_size = view.attrs.modality, None
+        weights_file = None if weights is None else Path(weights)
+        described = {"encoder": "timm", "backbone": backbone, "backbone_kwargs": dict(backbone_kwargs or {}),
+                     "head": None, "model_dir": None,
+                     "weights": "random-init" if weights is None else str(Path(weights).resolve()),
+                     **({"seed": int(seed)} if weights is None else {})}
+    return net, mean, std, modality, image_size, weights_file, described
 
 
 # The encoder of the latest calls, kept: a cohort's slides (``gapless embed --samples``) are embedded by one

@@ -21,19 +21,19 @@ from .heads import (
     AttnPoolHead,
     CbamHead,
     GapHead,
-    GatedAttentionHead,
     Head,
     HeadOutput,
     MaxHead,
-    SaolHead,
     create_head,
     get_head_class,
     head_catalog,
     register_head,
 )
 from .layers import ClassAttention, ClassAttentionBlock, GateRecordingCbam
+from .gated import GatedAttentionHead
 from .ltpa import LtpaHead
 from .model import InstanceModel, create_model
+from .saol import SaolHead
 from .slide import SlideEncoder, SlideModel, create_slide_model
 
 __all__ = [

@@ -21,8 +21,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -76,33 +75,27 @@ def _metrics(probs: np.ndarray, labels: np.ndarray, prefix: str) -> dict:
     return classification_metrics(probs, labels, prefix) if len(labels) else {}
 
 
-def train_slides(sheet, embeddings_dir, classes, settings: SlideTrainSettings, out_dir, connect=None,
-                 config: dict | None = None, progress: bool = True) -> dict:
-    """Train ``settings.head`` at the slide level on the slides of ``sheet`` whose embeddings are
-    ``embeddings_dir/{sample_id}.zarr``; write the run folder ``out_dir``; return the final metrics.
+@dataclass
+class SlideCohort:
+    """The slides a run trains on: their labels, the split, their embeddings and the encoder they came from."""
 
-    ``connect``: a function returning ``(tracking uri, experiment id, parent run id or None)``, called
-    once the data has passed its checks (sheet, split, stores), so bad input touches no tracking store.
-    ``config``: the pipeline's resolved config, logged as ``config.*`` params.
-    """
-    import torch
+    samples: list
+    label: dict  # sample id → class index
+    split: object  # pipeline.splits.SplitCheck
+    split_seed: int
+    split_ids: dict  # train | val | test → sorted sample ids
+    bags: object  # SlideBags
+    encoder: dict  # the embeddings' encoder attrs, logged and written into slide_model.json
 
-    from pipeline.device import device_name, resolve_device
-    from pipeline.files import check_output_target
-    from pipeline.mlflow_names import (LEVEL_SLIDE, config_params, encoder_param, level_tags, split_params,
-                                       train_params, training_tags)
-    from pipeline.models import create_slide_model, get_head_class
-    from pipeline.run_folder import SPLIT_JSON, WEIGHTS, write_json, write_run_folder
+
+def prepare_slides(sheet, embeddings_dir, classes, settings: SlideTrainSettings) -> SlideCohort:
+    """The sheet's slides, their embedding stores and the group-aware split of ``settings.split_seed`` (default
+    the seed), checked: no slide, a missing store, embeddings of two widths, a split that cannot work — one
+    ``GaplessError`` each, before any training or tracking."""
     from pipeline.samples import load_sample_sheet, with_kinds
-    from pipeline.slide_level.bags import SlideBags, collate
+    from pipeline.slide_level.bags import SlideBags
     from pipeline.splits import SPLIT_FIX, check_split
-    from pipeline.tracking import RunLogger, run_tags, stale_runs
-    from pipeline.train import code_version, cosine_with_warmup, loss_fn, set_determinism
-    from pipeline.train_plots import roc_and_confusion
 
-    settings.validate()
-    info = get_head_class(settings.head).info()  # an unknown head fails before any data is read
-    check_output_target(out_dir)
     samples = [s for s in with_kinds(load_sample_sheet(sheet, classes), sheet) if s.kind == "slide"]
     if not samples:
         raise GaplessError(sheet, "no slides in the sample sheet", "slide-level training needs samples of kind slide")
@@ -114,108 +107,161 @@ def train_slides(sheet, embeddings_dir, classes, settings: SlideTrainSettings, o
     for warning in split.warnings:
         log.warning("%s", warning)
     split_ids = {name: sorted(s for s, v in split.assignment.items() if v == name) for name in ("train", "val", "test")}
-    label = {s.sample_id: classes.index(s.label) for s in samples}
-    samples_label = {s.sample_id: s.label for s in samples}.get
     encoder = {k: bags.attrs[samples[0].sample_id].get(k) for k in
                ("encoder", "backbone", "model_dir", "weights", "weights_sha256", "dim", "mpp", "tile_size")}
+    return SlideCohort(samples, {s.sample_id: classes.index(s.label) for s in samples}, split, split_seed, split_ids,
+                       bags, encoder)
 
-    set_determinism(settings.seed)
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    device = resolve_device(settings.device)
-    train_ids = split_ids["train"]
+
+def fit_slides(model, cohort: SlideCohort, settings: SlideTrainSettings, device, run, progress: bool = True) -> dict:
+    """The epochs: class-balanced draws of training slides (``batch_size`` per step, padded), AdamW with warm-up
+    and cosine decay, gradient clipping; validation slide AUROC logged per epoch; the model left in the state of
+    the best validation score after the warm-up. Returns the best score, its epoch and the training throughput."""
+    import torch
+    from tqdm import tqdm
+
+    from pipeline.slide_level.bags import collate
+    from pipeline.train import cosine_with_warmup, loss_fn
+
+    train_ids, label = cohort.split_ids["train"], cohort.label
     y_train = np.array([label[s] for s in train_ids])
-    counts = np.bincount(y_train, minlength=len(classes))
-    prior = counts / counts.sum()
-    model = create_slide_model(settings.head, len(classes), bags.dim, dim=settings.dim, dropout=settings.dropout,
-                               **settings.head_kwargs).to(device)
-    n_parameters = sum(p.numel() for p in model.parameters())
+    counts = np.bincount(y_train, minlength=int(y_train.max()) + 1)
+    weights = torch.as_tensor(1.0 / counts[y_train], dtype=torch.double)  # class-balanced draws
+    generator = torch.Generator().manual_seed(int(settings.seed))
     steps = settings.steps_per_epoch or max(1, len(train_ids) // settings.batch_size)
     optimiser = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     total, warmup = steps * settings.epochs, round(settings.warmup_epochs * steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: cosine_with_warmup(s, warmup, total))
-    weights = torch.as_tensor(1.0 / counts[y_train], dtype=torch.double)  # class-balanced draws
-    generator = torch.Generator().manual_seed(int(settings.seed))
+    y_val = np.array([label[s] for s in cohort.split_ids["val"]])
+    best, best_epoch, best_state, seconds, seen = -1.0, 0, None, 0.0, 0
+    for epoch in range(settings.epochs):
+        model.train()
+        draws = torch.multinomial(weights, steps * settings.batch_size, replacement=True, generator=generator).tolist()
+        losses, t0 = [], time.perf_counter()
+        for step in tqdm(range(steps), desc=f"slide {settings.head} seed {settings.seed} epoch {epoch + 1}/{settings.epochs}",
+                         disable=not progress, file=sys.stderr, dynamic_ncols=True):
+            ids = [train_ids[i] for i in draws[step * settings.batch_size:(step + 1) * settings.batch_size]]
+            x, mask = collate([cohort.bags.bag(s) for s in ids])
+            optimiser.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x.to(device), mask.to(device)), torch.as_tensor([label[s] for s in ids], device=device))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            optimiser.step()
+            schedule.step()
+            losses.append(loss.item())
+            seen += len(ids)
+        seconds += time.perf_counter() - t0
+        val = _metrics(_predict(model, cohort.bags, cohort.split_ids["val"], device), y_val, "val")
+        score = val.get("val_auroc", val.get("val_balanced_accuracy", 0.0))
+        run.metrics({"train_loss": float(np.mean(losses)), "lr": schedule.get_last_lr()[0], **val}, step=epoch)
+        eligible = epoch + 1 > settings.warmup_epochs or epoch == settings.epochs - 1
+        if eligible and score > best:
+            best, best_epoch = score, epoch + 1
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    return {"best_val_score": best, "best_epoch": best_epoch, "train_slides_per_s": seen / max(seconds, 1e-9)}
+
+
+def _run_params(settings: SlideTrainSettings, classes, cohort: SlideCohort, n_parameters: int, device,
+                config: dict | None) -> dict:
+    """What the MLflow run records as params: settings, split, encoder, code and the pipeline's config."""
+    from pipeline.device import device_name
+    from pipeline.mlflow_names import config_params, encoder_param, split_params, train_params
+    from pipeline.train import code_version
+
+    ids = cohort.split_ids
+    counts = np.bincount([cohort.label[s] for s in ids["train"]], minlength=len(classes))
+    params = train_params(asdict(settings))
+    params.update({"head": settings.head, "seed": settings.seed, "split_seed": cohort.split_seed, "level": LEVEL,
+                   "classes": ",".join(classes), "code_version": code_version(), "parameters": n_parameters,
+                   "slides_train": len(ids["train"]), "slides_val": len(ids["val"]), "slides_test": len(ids["test"]),
+                   "class_prior": json.dumps([round(float(c / counts.sum()), 4) for c in counts]),
+                   "device": device.type, "device_name": device_name(device),
+                   **{encoder_param(k): v for k, v in cohort.encoder.items()}})
+    params.update(split_params(ids))
+    if config:
+        params.update(config_params(config))
+    return params
+
+
+def _save(work: Path, run, model, info, classes, cohort: SlideCohort, settings: SlideTrainSettings, device,
+          fitted: dict, n_parameters: int) -> dict:
+    """Every slide's prediction, the test metrics, and the run folder's files (each logged to MLflow)."""
+    from safetensors.torch import save_file
+
+    from pipeline.run_folder import WEIGHTS, write_json
+    from pipeline.train_plots import roc_and_confusion
+
+    every = [s for part in ("train", "val", "test") for s in cohort.split_ids[part]]
+    t0 = time.perf_counter()
+    by_id = dict(zip(every, _predict(model, cohort.bags, every, device)))
+    seconds = time.perf_counter() - t0
+    test_ids = cohort.split_ids["test"]
+    test = {"probs": np.array([by_id[s] for s in test_ids]).reshape(-1, len(classes)),
+            "labels": np.array([cohort.label[s] for s in test_ids], int)}
+    metrics = {**_metrics(test["probs"], test["labels"], "test"), "test_slides": len(test_ids), **fitted,
+               "inference_slides_per_s": len(every) / max(seconds, 1e-9), "parameters": n_parameters}
+    run.metrics(metrics, step=settings.epochs)
+    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, work / WEIGHTS)
+    write_json(work, SLIDE_MODEL_JSON, {
+        "schema": SLIDE_MODEL_SCHEMA, "model": model.config(), "classes": list(classes), "level": LEVEL,
+        "head_info": info.to_dict(), "encoder": cohort.encoder,
+        "settings": {**asdict(settings), "split_seed": cohort.split_seed}})
+    write_json(work, "metrics.json", metrics)
+    names = {s.sample_id: s.label for s in cohort.samples}
+    write_json(work, PREDICTIONS_JSON, {s: {"split": cohort.split.assignment[s], "label": names[s],
+                                            "probs": [round(float(p), 6) for p in by_id[s]]} for s in every})
+    for name in (WEIGHTS, SLIDE_MODEL_JSON, "metrics.json", PREDICTIONS_JSON):
+        run.artifact(work / name, "model" if name in (WEIGHTS, SLIDE_MODEL_JSON) else None)
+    for path in roc_and_confusion(test, list(classes), work, LEVEL):
+        run.artifact(path, "plots")
+    return metrics
+
+
+def train_slides(sheet, embeddings_dir, classes, settings: SlideTrainSettings, out_dir, connect=None,
+                 config: dict | None = None, progress: bool = True) -> dict:
+    """Train ``settings.head`` at the slide level on the slides of ``sheet`` whose embeddings are
+    ``embeddings_dir/{sample_id}.zarr``; write the run folder ``out_dir``; return the final metrics.
+
+    ``connect``: a function returning ``(tracking uri, experiment id, parent run id or None)``, called
+    once the data has passed its checks (sheet, split, stores), so bad input touches no tracking store.
+    ``config``: the pipeline's resolved config, logged as ``config.*`` params.
+    """
+    import torch
+
+    from pipeline.device import resolve_device
+    from pipeline.files import check_output_target
+    from pipeline.mlflow_names import LEVEL_SLIDE, level_tags, training_tags
+    from pipeline.models import create_slide_model, get_head_class
+    from pipeline.run_folder import SPLIT_JSON, write_json, write_run_folder
+    from pipeline.tracking import RunLogger, run_tags, stale_runs
+    from pipeline.train import set_determinism
+
+    settings.validate()
+    info = get_head_class(settings.head).info()  # an unknown head fails before any data is read
+    check_output_target(out_dir)
+    cohort = prepare_slides(sheet, embeddings_dir, classes, settings)
+    set_determinism(settings.seed)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = resolve_device(settings.device)
+    model = create_slide_model(settings.head, len(classes), cohort.bags.dim, dim=settings.dim,
+                               dropout=settings.dropout, **settings.head_kwargs).to(device)
+    n_parameters = sum(p.numel() for p in model.parameters())
 
     uri, experiment_id, parent_run_id = connect()
     stale = stale_runs(uri, experiment_id, out_dir)
     run = RunLogger.start(uri, experiment_id, f"slide-{settings.head}-seed{settings.seed}", parent_run_id,
-                          tags={**training_tags(info, settings.seed, str(encoder.get("backbone"))),
+                          tags={**training_tags(info, settings.seed, str(cohort.encoder.get("backbone"))),
                                 **level_tags(LEVEL_SLIDE), **run_tags(out_dir)})
     final: dict = {}
 
     def fill(work: Path) -> str:
-        from safetensors.torch import save_file
-        from tqdm import tqdm
-
         run.supersede(stale)
-        params = train_params(asdict(settings))
-        params.update({"head": settings.head, "seed": settings.seed, "split_seed": split_seed, "level": LEVEL,
-                       "classes": ",".join(classes), "code_version": code_version(), "parameters": n_parameters,
-                       "slides_train": len(train_ids), "slides_val": len(split_ids["val"]),
-                       "slides_test": len(split_ids["test"]), "class_prior": json.dumps([round(float(p), 4) for p in prior]),
-                       "device": device.type, "device_name": device_name(device),
-                       **{encoder_param(k): v for k, v in encoder.items()}})
-        params.update(split_params(split_ids))
-        if config:
-            params.update(config_params(config))
-        run.params(params)
-        run.artifact(write_json(work, SPLIT_JSON, split_ids))
-        best, best_epoch, best_state, t_train, n_seen = -1.0, 0, None, 0.0, 0
-        y_val = np.array([label[s] for s in split_ids["val"]])
-        for epoch in range(settings.epochs):
-            model.train()
-            draws = torch.multinomial(weights, steps * settings.batch_size, replacement=True, generator=generator)
-            losses = []
-            t0 = time.perf_counter()
-            bar = tqdm(range(steps), desc=f"slide {settings.head} seed {settings.seed} epoch {epoch + 1}/{settings.epochs}",
-                       disable=not progress, file=sys.stderr, dynamic_ncols=True)
-            for step in bar:
-                ids = [train_ids[i] for i in draws[step * settings.batch_size:(step + 1) * settings.batch_size].tolist()]
-                x, mask = collate([bags.bag(s) for s in ids])
-                y = torch.as_tensor([label[s] for s in ids], device=device)
-                optimiser.zero_grad(set_to_none=True)
-                loss = loss_fn(model(x.to(device), mask.to(device)), y)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-                optimiser.step()
-                schedule.step()
-                losses.append(loss.item())
-                n_seen += len(ids)
-            t_train += time.perf_counter() - t0
-            val = _metrics(_predict(model, bags, split_ids["val"], device), y_val, "val")
-            score = val.get("val_auroc", val.get("val_balanced_accuracy", 0.0))
-            run.metrics({"train_loss": float(np.mean(losses)), "lr": schedule.get_last_lr()[0], **val}, step=epoch)
-            eligible = epoch + 1 > settings.warmup_epochs or epoch == settings.epochs - 1
-            if eligible and score > best:
-                best, best_epoch = score, epoch + 1
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        model.load_state_dict(best_state)
-        every = [s for part in ("train", "val", "test") for s in split_ids[part]]
-        t0 = time.perf_counter()
-        probs = _predict(model, bags, every, device)
-        seconds = time.perf_counter() - t0
-        by_id = dict(zip(every, probs))
-        test_ids = split_ids["test"]
-        test = {"probs": np.array([by_id[s] for s in test_ids]).reshape(-1, len(classes)),
-                "labels": np.array([label[s] for s in test_ids], int)}
-        metrics = _metrics(test["probs"], test["labels"], "test")
-        metrics.update({"test_slides": len(test_ids), "best_val_score": best, "best_epoch": best_epoch,
-                        "train_slides_per_s": n_seen / max(t_train, 1e-9),
-                        "inference_slides_per_s": len(every) / max(seconds, 1e-9), "parameters": n_parameters})
-        run.metrics(metrics, step=settings.epochs)
-        final.update(metrics)
-        save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, work / WEIGHTS)
-        write_json(work, SLIDE_MODEL_JSON, {
-            "schema": SLIDE_MODEL_SCHEMA, "model": model.config(), "classes": list(classes), "level": LEVEL,
-            "head_info": info.to_dict(), "encoder": encoder, "settings": {**asdict(settings), "split_seed": split_seed}})
-        write_json(work, "metrics.json", final)
-        write_json(work, PREDICTIONS_JSON, {s: {"split": split.assignment[s], "label": samples_label(s),
-                                                "probs": [round(float(p), 6) for p in by_id[s]]} for s in every})
-        for name in (WEIGHTS, SLIDE_MODEL_JSON, "metrics.json", PREDICTIONS_JSON):
-            run.artifact(work / name, "model" if name in (WEIGHTS, SLIDE_MODEL_JSON) else None)
-        for path in roc_and_confusion(test, list(classes), work, LEVEL):
-            run.artifact(path, "plots")
+        run.params(_run_params(settings, classes, cohort, n_parameters, device, config))
+        run.artifact(write_json(work, SPLIT_JSON, cohort.split_ids))
+        fitted = fit_slides(model, cohort, settings, device, run, progress)
+        final.update(_save(work, run, model, info, classes, cohort, settings, device, fitted, n_parameters))
         run.finish()
         return run.run_id
 
@@ -261,9 +307,3 @@ def load_slide_model(run_dir: str | Path, device=None):
                            "train the slide-level head again") from None
     doc.update(run_dir=str(run_dir), run_id=read_run_id(run_dir))
     return model.to(device).eval(), doc
-
-
-def stores_for(samples_or_ids, embeddings_dir: str | Path) -> Mapping[str, Path]:
-    """sample id → its embedding store under ``embeddings_dir`` (existing ones only)."""
-    ids = [getattr(s, "sample_id", s) for s in samples_or_ids]
-    return {i: Path(embeddings_dir) / f"{i}.zarr" for i in ids if (Path(embeddings_dir) / f"{i}.zarr").is_dir()}

@@ -127,7 +127,8 @@ def embed_store(store, out: str | Path, *, model_dir: str | Path | None = None, 
     attrs = {
         "schema": SCHEMA, "sample_id": view.sample_id, "tile_store": str(Path(view.path).resolve()),
         "source": a.source, "kind": a.kind, **described,
-        "weights_sha256": None if weights_file is None else sha256(weights_file),
+        "weights_sha256": None if weights_file is None else _weights_sha256(str(Path(weights_file).resolve()),
+                                                                             _stamp(Path(weights_file))),
         "dim": int(features.shape[1]),
         "normalisation": {"mean": [float(v) for v in mean], "std": [float(v) for v in std],
                           "image_size": image_size, "modality": modality},
@@ -378,6 +379,12 @@ def write_embeddings(path: Path, features, coords, grid, labels, attrs: dict) ->
     ):
         root.create_array(name, data=data, chunks=chunks, dimension_names=dims, compressors=small_codecs())
     root.update_attributes(attrs)  # one write of zarr.json, last
+
+
+@functools.lru_cache(maxsize=4)
+def _weights_sha256(path: str, stamp) -> str:
+    """``sha256`` of a weights file, once per file version (``stamp``): a cohort's slides share the encoder's."""
+    return sha256(path)
 
 
 def sha256(path: str | Path) -> str:

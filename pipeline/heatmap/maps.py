@@ -118,6 +118,24 @@ def _spread(p, weights):
     return (p[:, None, None] * share).unsqueeze(1)
 
 
+def spread_map(out, probs, mask=None):
+    """``(B×1×h×w, kind)``: each sample's positive probability spread over its map by the head's own
+    weights — the contribution's share for a head that scores log-probabilities, its attention where it
+    has one, a softmax of the positive contribution otherwise — relative to the sample's largest weight.
+    A sample is a tile here and a slide at the slide level (:mod:`pipeline.slide_level.heatmap`), whose holes
+    (``mask`` B×1×h×w, False there) get no weight."""
+    positive = out.contribution.float()[:, -1]
+    if out.scores_are_log_probs:
+        weights, kind = positive.clamp_min(0), "share"
+    elif out.attention is not None:
+        weights, kind = out.attention.float()[:, 0].clamp_min(0), "attention"
+    else:
+        if mask is not None:
+            positive = positive.masked_fill(~mask[:, 0], float("-inf"))
+        weights, kind = (positive - positive.amax(dim=(1, 2), keepdim=True)).exp(), "softmax"
+    return _spread(probs[:, -1], weights), kind
+
+
 def _tile_maps(out, coords: np.ndarray, cam=None) -> TileMaps:
     """HeadOutput (and Grad-CAM) → TileMaps (float32 numpy), with the ``attention`` normalisation's spread."""
     probs = probabilities(out)
@@ -126,14 +144,7 @@ def _tile_maps(out, coords: np.ndarray, cam=None) -> TileMaps:
     if contribution.ndim != 4 or contribution.shape[2] != contribution.shape[3]:
         raise GaplessError(None, f"the model's contribution map has shape {tuple(contribution.shape)}, not B×K×h×h",
                            "heatmaps need square maps: use square tiles and a convolutional backbone")
-    positive = contribution[:, -1]
-    if out.scores_are_log_probs:
-        weights, kind = positive.clamp_min(0), "share"
-    elif attention is not None:
-        weights, kind = attention[:, 0].clamp_min(0), "attention"
-    else:
-        weights, kind = (positive - positive.amax(dim=(1, 2), keepdim=True)).exp(), "softmax"
-    spread = _spread(probs[:, -1], weights)
+    spread, kind = spread_map(out, probs)
     numpy = lambda t: t.detach().cpu().numpy().astype(np.float32, copy=False)  # noqa: E731
     gradcam = gradcam_spread = None
     if cam is not None:

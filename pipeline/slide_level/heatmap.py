@@ -68,6 +68,7 @@ def slide_maps(model, bag, view, device=None):
     import torch
 
     from pipeline.heatmap.canvas import SlideCanvas, canvas_maps
+    from pipeline.heatmap.maps import spread_map
     from pipeline.inference import probabilities
     from pipeline.slide_level.bags import collate
 
@@ -75,18 +76,13 @@ def slide_maps(model, bag, view, device=None):
     device = device or next(model.parameters()).device
     with torch.no_grad():
         out = model(x.to(device), mask.to(device))
-    probs = probabilities(out).float().cpu().numpy()[0]
+    probs = probabilities(out).float()
+    spread, kind = spread_map(out, probs, mask.to(device))  # the slide's probability spread over its tiles, as over a tile's map
     at = (bag.rows, bag.cols)
-    raw = out.contribution[0, -1].float().cpu().numpy()[at]
-    attention = None if out.attention is None else out.attention[0, 0].float().cpu().numpy()[at]
-    if out.scores_are_log_probs:
-        weights, kind = np.clip(raw, 0, None), "share"
-    elif attention is not None:
-        weights, kind = np.clip(attention, 0, None), "attention"
-    else:
-        weights, kind = np.exp(raw - raw.max()), "softmax"
-    peak = weights.max() if len(weights) else 0.0
-    spread = probs[-1] * (weights / peak if peak > 0 else np.ones_like(weights))
+    tiles = lambda t: t[0, 0].float().cpu().numpy()[at]  # noqa: E731  (B×1×h×w → one value per tile)
+    raw, spread = tiles(out.contribution[:, -1:]), tiles(spread)
+    attention = None if out.attention is None else tiles(out.attention)
+    probs = probs.cpu().numpy()[0]
     named = {"raw": raw, "spread": spread}
     if attention is not None:
         named["attention"] = attention

@@ -111,6 +111,14 @@ def _add_tracking_server(sub) -> None:
     p.add_argument("--workers", type=positive_int, default=4, help="server worker processes (default 4)")
 
 
+def _add_run_tracking(p) -> None:
+    """Where a training command's MLflow run goes (``gapless train`` and ``train-slides``)."""
+    p.add_argument("--comparison", type=Path, default=None, help="JSON from `gapless mlflow-setup`: log as a child of its parent run")
+    p.add_argument("--tracking-uri", default=None, help="without --comparison: MLflow URI (default sqlite:///results/mlflow.db)")
+    p.add_argument("--experiment", default="gapless", help="without --comparison: experiment name (default gapless)")
+    p.add_argument("--config", type=json_object, default=None, help="the pipeline's resolved config as JSON text, logged as config.* params")
+
+
 def _add_train(sub) -> None:
     from pipeline.train_settings import TrainSettings
 
@@ -120,10 +128,7 @@ def _add_train(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="run folder: weights.safetensors, model.json, metrics.json, run_id.txt, plots")
     p.add_argument("--classes", nargs="+", default=["negative", "positive"], help="labels in output order (default negative positive)")
     add_setting_flags(p, TrainSettings)
-    p.add_argument("--comparison", type=Path, default=None, help="JSON from `gapless mlflow-setup`: log as a child of its parent run")
-    p.add_argument("--tracking-uri", default=None, help="without --comparison: MLflow URI (default sqlite:///results/mlflow.db)")
-    p.add_argument("--experiment", default="gapless", help="without --comparison: experiment name (default gapless)")
-    p.add_argument("--config", type=json_object, default=None, help="the pipeline's resolved config as JSON text, logged as config.* params")
+    _add_run_tracking(p)
 
 
 def _add_heatmap(sub) -> None:
@@ -201,10 +206,7 @@ def _add_train_slides(sub) -> None:
                                                            "predictions.json, run_id.txt, plots")
     p.add_argument("--classes", nargs="+", default=["negative", "positive"], help="labels in output order (default negative positive)")
     add_setting_flags(p, SlideTrainSettings)
-    p.add_argument("--comparison", type=Path, default=None, help="JSON from `gapless mlflow-setup`: log as a child of its parent run")
-    p.add_argument("--tracking-uri", default=None, help="without --comparison: MLflow URI (default sqlite:///results/mlflow.db)")
-    p.add_argument("--experiment", default="gapless", help="without --comparison: experiment name (default gapless)")
-    p.add_argument("--config", type=json_object, default=None, help="the pipeline's resolved config as JSON text, logged as config.* params")
+    _add_run_tracking(p)
 
 
 def _add_heatmap_slides(sub) -> None:

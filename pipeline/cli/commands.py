@@ -323,7 +323,7 @@ def _run_heatmap_slides(args) -> None:
     slides = [s for s in with_kinds(load_sample_sheet(args.samples), args.samples) if s.kind == "slide"]
     if not slides:
         raise GaplessError(args.samples, "no slides in the sample sheet", "pass the sheet of the slide-level cohort")
-    stores = embedding_stores(slides, args.embeddings, args.samples)
+    stores = embedding_stores(slides, args.embeddings)
     annotations = {s.sample_id: s.annotations for s in slides if s.annotations is not None}
     if args.annotations is not None:
         annotations.update(scoring_annotations(args.annotations, [s.sample_id for s in slides]))

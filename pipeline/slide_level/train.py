@@ -38,13 +38,11 @@ LEVEL = "slide"  # the MLflow tag gapless.level of these runs (pipeline.mlflow_n
 _FIX = "pass the folder `gapless train-slides` wrote (it holds slide_model.json, weights.safetensors and run_id.txt)"
 
 
-def embedding_stores(samples, embeddings_dir: str | Path, sheet_path=None) -> dict[str, Path]:
+def embedding_stores(samples, embeddings_dir: str | Path) -> dict[str, Path]:
     """sample id → ``embeddings_dir/{sample_id}.zarr`` for every slide of ``samples``; a missing one is
     an error naming it and the command that makes it."""
-    stores, missing = {}, []
-    for s in samples:
-        path = Path(embeddings_dir) / f"{s.sample_id}.zarr"
-        (stores.__setitem__(s.sample_id, path) if path.is_dir() else missing.append(path))
+    stores = {s.sample_id: Path(embeddings_dir) / f"{s.sample_id}.zarr" for s in samples}
+    missing = [path for path in stores.values() if not path.is_dir()]
     if missing:
         raise GaplessError(missing[0], f"no embedding store for {len(missing)} slide(s) of the sheet"
                                        + (f" (also {missing[1].name}, …)" if len(missing) > 1 else ""),
@@ -99,7 +97,7 @@ def prepare_slides(sheet, embeddings_dir, classes, settings: SlideTrainSettings)
     samples = [s for s in with_kinds(load_sample_sheet(sheet, classes), sheet) if s.kind == "slide"]
     if not samples:
         raise GaplessError(sheet, "no slides in the sample sheet", "slide-level training needs samples of kind slide")
-    bags = SlideBags(embedding_stores(samples, embeddings_dir, sheet))  # missing stores: before anything else
+    bags = SlideBags(embedding_stores(samples, embeddings_dir))  # missing stores: before anything else
     split_seed = settings.seed if settings.split_seed is None else settings.split_seed
     split = check_split(samples, split_seed, settings.split_fractions, classes)
     if split.errors:

@@ -132,7 +132,7 @@ def config_problems():
             problems.append(f"slide_level.heads: unknown head{'s' if len(unknown) > 1 else ''} "
                             f"{', '.join(map(repr, unknown))}; the registered heads are {', '.join(known)}")
         encoder, encoder_dataset = slide_level["encoder"], slide_level["encoder_dataset"]
-        for name in [encoder_dataset] * bool(encoder_dataset) + list(slide_level["datasets"]):
+        for name in [n for n in (encoder_dataset, *slide_level["datasets"]) if n]:
             if name not in DATASETS:
                 problems.append(f"slide_level names the dataset {name!r}, which is not a sweep entry "
                                 f"({', '.join(map(repr, DATASETS)) or 'no sweep'}): name one of the sweep's datasets")
@@ -496,7 +496,7 @@ def page_options(wildcards):
         options += ["--heatmap", f"{HEATMAPS}/{head}/seed{viewer_seed()}/{wildcards.sample}.json"]
     if cohort_of(wildcards.sample) in slide_cohorts():
         for head in config["slide_level"]["heads"]:
-            options += ["--heatmap", f"{HEATMAPS}/slide_level/{head}/seed{viewer_seed()}/{wildcards.sample}.json"]
+            options += ["--heatmap", f"{slide_heatmap_dir(head, viewer_seed())}/{wildcards.sample}.json"]
     if sample.annotations is not None:
         options += ["--annotations", str(sample.annotations)]
     options += ["--info", f"label={sample.label}", "--info", f"kind={sample.kind}"]
@@ -623,8 +623,13 @@ def slide_train_settings(wildcards):
                                               "head_kwargs": train["head_kwargs"].get(wildcards.head, {})})
 
 
+def slide_heatmap_dir(head, seed):
+    """results/heatmaps/slide_level/{head}/seed{seed}: a slide-level model's heatmap files."""
+    return f"{HEATMAPS}/slide_level/{head}/seed{seed}"
+
+
 def slide_heatmap_folder(wildcards, output):
-    return f"{HEATMAPS}/slide_level/{wildcards.head}/seed{wildcards.seed}"
+    return slide_heatmap_dir(wildcards.head, wildcards.seed)
 
 
 def scoring_annotations(cohort):

@@ -131,13 +131,16 @@ class JpegCodec(ArrayBytesCodec):
     def compute_encoded_size(self, input_byte_length: int, chunk_spec: "ArraySpec") -> int:
         raise NotImplementedError  # variable: a compressed image
 
-    def _encode_sync(self, chunk_array: "NDBuffer", chunk_spec: "ArraySpec") -> "Buffer":
+    def encode_tile(self, tile: np.ndarray) -> bytes:
+        """One H×W×C tile (C 1 or 3) as this codec's JPEG: what a chunk of it is stored as."""
         import imagecodecs
 
+        image = np.ascontiguousarray(tile if tile.shape[-1] == 3 else tile.reshape(tile.shape[:2]))
+        return imagecodecs.jpeg8_encode(image, level=self.quality, subsampling=self.subsampling)
+
+    def _encode_sync(self, chunk_array: "NDBuffer", chunk_spec: "ArraySpec") -> "Buffer":
         h, w, c = _tile_shape(chunk_spec.shape)
-        image = np.ascontiguousarray(chunk_array.as_numpy_array().reshape(h, w, c) if c == 3 else
-                                     chunk_array.as_numpy_array().reshape(h, w))
-        encoded = imagecodecs.jpeg8_encode(image, level=self.quality, subsampling=self.subsampling)
+        encoded = self.encode_tile(chunk_array.as_numpy_array().reshape(h, w, c))
         return chunk_spec.prototype.buffer.from_bytes(encoded)
 
     def _decode_sync(self, chunk_bytes: "Buffer", chunk_spec: "ArraySpec") -> "NDBuffer":
@@ -157,9 +160,9 @@ class JpegCodec(ArrayBytesCodec):
         return await asyncio.to_thread(self._encode_sync, chunk_array, chunk_spec)
 
     async def encode(self, chunks_and_specs) -> list:
-        """A batch (a shard's tiles) encoded in one thread call, not one asyncio task and thread hand-off per
-        tile: zarr's event loop otherwise holds the GIL ~0.1 ms per tile, which the reading thread of a
-        tiler waits for (``gapless bench tiling``: tiler/bare 0.81 → see README "Scale")."""
+        """A batch of chunks encoded in one thread call, not one asyncio task and thread hand-off per tile
+        (zarr's event loop holds the GIL meanwhile, which a reading thread waits for). The tiler writes
+        whole shards by :mod:`pipeline.shards`; this serves what zarr still writes."""
         items = list(chunks_and_specs)
 
         def encode_all() -> list:

@@ -28,9 +28,10 @@ def read_overview(source: Source, downsample: float, chunk: int = 2048) -> tuple
     ld = source.level_downsamples[level]
     out = np.empty((out_h, out_w, source.channels), dtype=source.dtype)
     sx, sy = out_w / lw, out_h / lh  # output px per level px
-    for ty in range(0, lh, chunk):
-        for tx in range(0, lw, chunk):
-            w, h = min(chunk, lw - tx), min(chunk, lh - ty)
+    step = _aligned_step(ld, chunk)
+    for ty in range(0, lh, step):
+        for tx in range(0, lw, step):
+            w, h = min(step, lw - tx), min(step, lh - ty)
             piece = source.read_region((round(tx * ld), round(ty * ld)), level, (w, h))
             ox0, oy0 = round(tx * sx), round(ty * sy)
             ox1, oy1 = round((tx + w) * sx), round((ty + h) * sy)
@@ -38,6 +39,20 @@ def read_overview(source: Source, downsample: float, chunk: int = 2048) -> tuple
                 continue
             out[oy0:oy1, ox0:ox1] = _box_reduce(piece, (ox1 - ox0, oy1 - oy0))
     return out, (W / out_w, H / out_h)
+
+
+def _aligned_step(downsample: float, chunk: int, longest: int = 4096) -> int:
+    """A piece size near ``chunk`` whose multiples are whole level-0 pixels at ``downsample``.
+
+    A region whose origin falls between a level's pixels (level-0 px / downsample not a whole number)
+    is resampled by OpenSlide, 3–4× slower than a plain read: a level 3 of 35355 / 4420 px (downsample
+    7.9989) read in 2048-px pieces took 0.95 s instead of 0.3 s. Pieces of a multiple of the smallest
+    whole number of level px that spans whole level-0 px (884 there) start on pixels; without one up to
+    ``longest``, ``chunk`` it is."""
+    for p in range(1, longest + 1):
+        if abs(p * downsample - round(p * downsample)) < 1e-6:
+            return p * max(1, chunk // p)
+    return chunk
 
 
 def _box_reduce(piece: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -77,3 +77,26 @@ def test_tissue_fractions_are_the_mean_of_each_footprint():
         x0, y0 = round(x / 3), round(y / 3)
         x1, y1 = min(round((x + extent) / 3), 51), min(round((y + extent) / 3), 37)
         assert f == pytest.approx(mask[y0:y1, x0:x1].mean(), abs=1e-6)
+
+
+def test_overview_pieces_start_on_level_pixels(tmp_path, monkeypatch):
+    """A level whose downsample is not a whole number (3535 × 2828 px: level 2 is 884 × 707, downsample
+    3.9994) is read in pieces that start on its pixels, so OpenSlide resamples none of them: the same
+    pixels as the level read in one piece from its origin. Pieces of 300 px would start between pixels."""
+    import pipeline.tissue as tissue
+    from pipeline.demo.bigslide import write_big_slide
+    from pipeline.tissue import _aligned_step
+
+    assert _aligned_step(35355 / 4420, 2048) == 1768 and _aligned_step(8.0, 2048) == 2048
+    assert _aligned_step(3.9970046591238297, 2048) == 2048  # no whole multiple up to 4096 px: as before
+    slide = write_big_slide(tmp_path / "odd.tiff", 3535, 2828, progress=False)
+    with open_source(slide) as source:
+        level = 2
+        downsample = source.level_downsamples[level]
+        assert downsample != round(downsample) and _aligned_step(downsample, 300) == 1768
+        whole = source.read_region((0, 0), level, source.level_dimensions[level])
+        pieces, _ = read_overview(source, downsample, chunk=300)
+        np.testing.assert_array_equal(pieces, whole)
+        monkeypatch.setattr(tissue, "_aligned_step", lambda downsample, chunk: chunk)  # pieces of 300 px
+        resampled, _ = read_overview(source, downsample, chunk=300)
+    assert not np.array_equal(resampled, whole)

@@ -102,7 +102,8 @@ class _Appender:
             return
         self._wait()
         self.tiles.resize((self.written + self.filled, *self.shape))
-        self.pending = self.writer.submit(cutting._write_shard, self.tiles, self.written, self.buffer[: self.filled])
+        write = cutting.shard_writer(self.tiles)
+        self.pending = self.writer.submit(write, self.written, self.buffer[: self.filled])
         self.written, self.filled = self.written + self.filled, 0
         self.buffer = np.empty_like(self.buffer)  # the full one is the writer's until it is done
 

@@ -105,7 +105,8 @@ def _cut_here(source: Source, report, next_shard, cut, *args) -> ChannelStats:
 
 
 def _tiles(tiles_path: str):
-    """This process's writer handle on the tile array, opened on first use (helpers start before it exists)."""
+    """This process's writer of whole shards of the tile array (:func:`shard_writer`), made on first use
+    (helpers start before the array exists)."""
     import zarr
 
     from pipeline.codecs import rust_can_write  # and registers the tile codecs in this process
@@ -117,7 +118,7 @@ def _tiles(tiles_path: str):
         if not rust_can_write(tiles_path):  # JPEG: zarrs has no such codec, zarr's default pipeline encodes
             config.pop("codec_pipeline.path", None)
         with zarr.config.set(config):
-            _worker["tiles"] = zarr.open_array(tiles_path, mode="r+")
+            _worker["tiles"] = shard_writer(zarr.open_array(tiles_path, mode="r+"))
     return _worker["tiles"]
 
 
@@ -143,7 +144,7 @@ def _cut_shards(tiles_path: str, starts: Iterable[int], per_shard: int, coords: 
     from concurrent.futures import ThreadPoolExecutor
 
     source: Source = _worker["source"]
-    tiles = _tiles(tiles_path)
+    write = _tiles(tiles_path)
     report = _worker["report"]
     stats = ChannelStats(source.channels, _histogram_bins(source.dtype))
     pending = None
@@ -157,12 +158,20 @@ def _cut_shards(tiles_path: str, starts: Iterable[int], per_shard: int, coords: 
             stats.add(block[:, ::STATS_STEP, ::STATS_STEP])
             if pending is not None:
                 pending.result()
-            pending = writer.submit(_write_shard, tiles, start, block)
+            pending = writer.submit(write, start, block)
             if report is not None:
                 report(len(block))
         if pending is not None:
             pending.result()
     return stats
+
+
+def shard_writer(tiles):
+    """``write(start, block)`` for whole shards of the array ``tiles``: JPEG shards by
+    :mod:`pipeline.shards` (a third of zarr's CPU per tile), anything else by zarr (zarrs where set)."""
+    from pipeline.shards import jpeg_shard_writer
+
+    return jpeg_shard_writer(tiles) or (lambda start, block: _write_shard(tiles, start, block))
 
 
 def _write_shard(tiles, start: int, block: np.ndarray) -> None:

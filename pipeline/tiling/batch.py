@@ -83,6 +83,7 @@ class _Appender:
         with zarr.config.set(config):  # the fast writer (zarrs, when it has the codec), bound to this handle
             self.tiles = zarr.open_array(folder / "tiles", mode="r+")
         self.buffer = np.empty((self.per_shard, *shape), dtype)
+        self.spare = np.empty_like(self.buffer)
         self.filled = 0  # tiles in the buffer
         self.written = 0  # tiles in the store (or being written)
         self.dtype, self.shape, self.codec = dtype, shape, codec
@@ -105,7 +106,8 @@ class _Appender:
         write = cutting.shard_writer(self.tiles)
         self.pending = self.writer.submit(write, self.written, self.buffer[: self.filled])
         self.written, self.filled = self.written + self.filled, 0
-        self.buffer = np.empty_like(self.buffer)  # the full one is the writer's until it is done
+        # the full buffer is the writer's until it is done: the other one fills meanwhile
+        self.buffer, self.spare = self.spare, self.buffer
 
     def _wait(self) -> None:
         if self.pending is not None:

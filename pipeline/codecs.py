@@ -23,7 +23,8 @@ zarr finds ``gapless.jpeg`` in its codec registry when it opens a store: importi
 registers it (``pipeline.store`` and the cutting processes import it), and the package's entry point
 (``zarr.codecs`` in ``pyproject.toml``) lets any zarr-python reader of a store find it without gapless
 imported. zarrs (the Rust codec pipeline that writes lossless tiles) cannot run a Python codec, so
-JPEG stores are written by zarr's default pipeline (:func:`rust_can_write`).
+JPEG shards are written whole by :mod:`pipeline.shards` (the bytes zarr's default pipeline writes, at
+half its CPU per tile), and anything else of a JPEG store by zarr's default pipeline (:func:`rust_can_write`).
 """
 
 from __future__ import annotations

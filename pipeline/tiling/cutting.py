@@ -115,7 +115,7 @@ def _tiles(tiles_path: str):
         # the codec pipeline and write_empty_chunks are bound when an array is opened: this handle
         # gets the fast writer, and the rest of the process keeps zarr's defaults
         config = dict(_worker["write_config"])
-        if not rust_can_write(tiles_path):  # JPEG: zarrs has no such codec, zarr's default pipeline encodes
+        if not rust_can_write(tiles_path):  # JPEG: zarrs has no such codec (pipeline.shards writes the shards)
             config.pop("codec_pipeline.path", None)
         with zarr.config.set(config):
             _worker["tiles"] = shard_writer(zarr.open_array(tiles_path, mode="r+"))

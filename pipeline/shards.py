@@ -41,21 +41,23 @@ def jpeg_shard_writer(array) -> Callable[[int, np.ndarray], None] | None:
     from pipeline.codecs import JpegCodec
 
     meta = array.metadata
-    codecs = getattr(meta, "codecs", ())
-    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or not isinstance(array.store_path.store, LocalStore):
+    try:  # zarr's metadata objects: a zarr that names them otherwise gets its own writer
+        codecs = meta.codecs
+        if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or not isinstance(array.store_path.store, LocalStore):
+            return None
+        sharding = codecs[0]
+        inner, index_codecs = sharding.codecs, sharding.index_codecs
+        if not (len(inner) == 2 and isinstance(inner[0], JpegCodec) and isinstance(inner[1], Crc32cCodec)
+                and len(index_codecs) == 2 and isinstance(index_codecs[0], BytesCodec)
+                and index_codecs[0].endian.value == "little" and isinstance(index_codecs[1], Crc32cCodec)
+                and sharding.index_location.value == "end" and tuple(sharding.chunk_shape) == (1, *array.shape[1:])
+                and tuple(meta.chunk_grid.chunk_shape[1:]) == tuple(array.shape[1:])):
+            return None
+        per_shard = meta.chunk_grid.chunk_shape[0]
+        folder = Path(array.store_path.store.root) / array.store_path.path
+        key = meta.chunk_key_encoding.encode_chunk_key
+    except AttributeError:
         return None
-    sharding = codecs[0]
-    inner, index_codecs = sharding.codecs, sharding.index_codecs
-    if not (len(inner) == 2 and isinstance(inner[0], JpegCodec) and isinstance(inner[1], Crc32cCodec)
-            and len(index_codecs) == 2 and isinstance(index_codecs[0], BytesCodec)
-            and getattr(index_codecs[0].endian, "value", None) == "little" and isinstance(index_codecs[1], Crc32cCodec)
-            and sharding.index_location.value == "end" and tuple(sharding.chunk_shape) == (1, *array.shape[1:])):
-        return None
-    per_shard = meta.chunk_grid.chunk_shape[0]
-    if tuple(meta.chunk_grid.chunk_shape[1:]) != tuple(array.shape[1:]):
-        return None
-    folder = Path(array.store_path.store.root) / array.store_path.path
-    key = meta.chunk_key_encoding.encode_chunk_key
     codec: JpegCodec = inner[0]
 
     def write(start: int, block: np.ndarray) -> None:

@@ -90,7 +90,10 @@ def start_snakemake(workdir: Path, out: Path, env: dict, *args: str) -> subproce
         return subprocess.Popen(
             [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
              "--configfile", str(DEFAULT_CONFIG), str(workdir / "tiny.yaml"), *args],
-            cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            # SIGINT stops it (stop_snakemake): a test run started in the background (`pytest … &`) has SIGINT
+            # ignored, which its children inherit, and Snakemake would then never stop
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def stop_snakemake(proc: subprocess.Popen, wait: float = 0) -> None:

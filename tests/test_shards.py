@@ -71,3 +71,31 @@ def test_only_whole_shards(tmp_path):
         write(0, tiles[:9])
     with pytest.raises(ValueError, match="not one whole shard"):
         write(16, tiles[:8])  # past the array's 20 tiles
+
+
+def test_a_batch_of_brightfield_fields_over_several_jpeg_shards(tmp_path, monkeypatch):
+    """tile_batch grows its array shard by shard (JPEG shards by pipeline.shards, the last one short): every
+    field's tiles read back through zarr as the field's pixels, JPEG-close."""
+    import tifffile
+
+    import pipeline.tiling.batch as batch
+    from pipeline.demo import DemoSettings, generate
+    from pipeline.samples import load_sample_sheet
+    from pipeline.store import open_sample
+    from pipeline.tiling import TileSettings
+
+    sheet = generate(tmp_path / "demo", DemoSettings(slides=0, images=5, cells_per_image=64, image_modality="brightfield",
+                                                     image_mpp=1.0), progress=False)
+    samples = load_sample_sheet(sheet, ["negative", "positive"])
+    monkeypatch.setattr(batch, "SHARD_BYTES", 16 * 32 * 32 * 3)  # 16 tiles of 32 px per shard
+    result = batch.tile_batch(samples, tmp_path / "b.zarr", tmp_path / "b.json",
+                              TileSettings(mpp=1.0, tile_size=32, min_tissue=0.0), progress=False)
+    assert result.n_tiles > 32 and result.n_tiles % 16  # two or more whole shards and a short last one
+    for s in samples:
+        view = open_sample(tmp_path / "b.zarr", s.sample_id)
+        assert view.attrs.tile_codec["name"] == "jpeg"
+        field = tifffile.imread(s.path)
+        tiles, coords = view.read(0, view.n), view.coords()
+        for tile, (x, y) in zip(tiles, coords):
+            assert np.abs(tile.astype(int) - field[y : y + 32, x : x + 32]).mean() < 8  # JPEG 90 of sharp-edged cells
+    assert len(shard_files(tmp_path / "b.zarr")) == -(-result.n_tiles // 16)

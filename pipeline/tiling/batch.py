@@ -82,6 +82,7 @@ class _Appender:
         config = tile_write_config() if rust_can_write(folder / "tiles") else {"array.write_empty_chunks": True}
         with zarr.config.set(config):  # the fast writer (zarrs, when it has the codec), bound to this handle
             self.tiles = zarr.open_array(folder / "tiles", mode="r+")
+        self.write = cutting.shard_writer(self.tiles)  # it follows the array's resizes (zarr resizes in place)
         self.buffer = np.empty((self.per_shard, *shape), dtype)
         self.spare = np.empty_like(self.buffer)
         self.filled = 0  # tiles in the buffer
@@ -103,8 +104,7 @@ class _Appender:
             return
         self._wait()
         self.tiles.resize((self.written + self.filled, *self.shape))
-        write = cutting.shard_writer(self.tiles)
-        self.pending = self.writer.submit(write, self.written, self.buffer[: self.filled])
+        self.pending = self.writer.submit(self.write, self.written, self.buffer[: self.filled])
         self.written, self.filled = self.written + self.filled, 0
         # the full buffer is the writer's until it is done: the other one fills meanwhile
         self.buffer, self.spare = self.spare, self.buffer

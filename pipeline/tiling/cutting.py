@@ -104,22 +104,22 @@ def _cut_here(source: Source, report, next_shard, cut, *args) -> ChannelStats:
         _worker.clear()
 
 
-def _tiles(tiles_path: str):
+def _shard_writer(tiles_path: str):
     """This process's writer of whole shards of the tile array (:func:`shard_writer`), made on first use
     (helpers start before the array exists)."""
     import zarr
 
     from pipeline.codecs import rust_can_write  # and registers the tile codecs in this process
 
-    if "tiles" not in _worker:
+    if "write" not in _worker:
         # the codec pipeline and write_empty_chunks are bound when an array is opened: this handle
         # gets the fast writer, and the rest of the process keeps zarr's defaults
         config = dict(_worker["write_config"])
         if not rust_can_write(tiles_path):  # JPEG: zarrs has no such codec (pipeline.shards writes the shards)
             config.pop("codec_pipeline.path", None)
         with zarr.config.set(config):
-            _worker["tiles"] = shard_writer(zarr.open_array(tiles_path, mode="r+"))
-    return _worker["tiles"]
+            _worker["write"] = shard_writer(zarr.open_array(tiles_path, mode="r+"))
+    return _worker["write"]
 
 
 def _claimed(n_shards: int, per_shard: int) -> Iterator[int]:
@@ -144,7 +144,7 @@ def _cut_shards(tiles_path: str, starts: Iterable[int], per_shard: int, coords: 
     from concurrent.futures import ThreadPoolExecutor
 
     source: Source = _worker["source"]
-    write = _tiles(tiles_path)
+    write = _shard_writer(tiles_path)
     report = _worker["report"]
     stats = ChannelStats(source.channels, _histogram_bins(source.dtype))
     pending = None
